@@ -1,0 +1,93 @@
+//! Durable execution state for AI chats.
+//!
+//! `chatstate` is the only code that changes a chat's execution state: its
+//! status and archived flag, its message history, its queue of pending user
+//! messages, and the lease of the worker that owns it. Every change is a
+//! *transition*, validated against one transition matrix and applied in a
+//! store transaction that first locks the chat's row and bumps its
+//! `snapshot_version` once. Notifications (`chat:update:<id>` and
+//! `chat:ownership`) are published only after commit.
+//!
+//! # Tour
+//!
+//! - [`ChatMachine`] is a handle on one chat. [`ChatMachine::update`] runs a
+//!   callback in a transaction; the [`Tx`] it receives has one method per
+//!   transition and nothing that could write execution state otherwise.
+//!   [`ChatMachine::lock`] and [`ChatMachine::read_lock`] hold the row lock
+//!   without bumping or publishing.
+//! - [`create_chat`] creates a chat (N -> R0).
+//! - [`Store`] is what a backing store implements: the in-memory store is
+//!   `chatstate-store-mem`, the PostgreSQL one `chatstate-store-pg`.
+//! - [`Notify`] chooses how notifications leave: through a [`Publisher`]
+//!   after commit, or delivered by the store with the commit.
+//! - The rules themselves live in the pure `chatstate-model` crate,
+//!   re-exported as [`model`]; the machine executes the model's decisions and
+//!   asserts every landed state against the matrix.
+//!
+//! # Example
+//!
+//! ```
+//! use std::sync::Arc;
+//! use chatstate::{BroadcastPublisher, BusyBehavior, ChatMachine, CreateChat, NewMessage,
+//!                 Options, RunnerId, WorkerId, create_chat, ExecutionState};
+//! use chatstate_store_mem::MemStore;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), chatstate::Error> {
+//! let store = MemStore::new();
+//! let publisher = Arc::new(BroadcastPublisher::default());
+//! let mut updates = publisher.subscribe();
+//!
+//! let created = create_chat(&store, &publisher.clone().into(), CreateChat {
+//!     messages: vec![NewMessage::user("hello")],
+//!     ..CreateChat::default()
+//! }).await?;
+//! let chat = ChatMachine::new(store, publisher.clone(), created.chat_id, Options::default());
+//!
+//! // A worker takes the chat and commits a step.
+//! let (worker, runner) = (WorkerId::new_random(), RunnerId::new_random());
+//! chat.update(async |tx| {
+//!     tx.acquire(worker, runner).await?;
+//!     tx.fenced(runner).commit_step(vec![NewMessage::assistant("hi!")], false).await?;
+//!     Ok(())
+//! }).await?;
+//!
+//! // The user queues a follow-up; the turn ends and promotes it.
+//! chat.update(async |tx| {
+//!     tx.send_message(NewMessage::user("and then?"), BusyBehavior::Queue).await
+//! }).await?;
+//! let finished = chat.update(async |tx| tx.fenced(runner).finish_turn().await).await?;
+//! assert_eq!(finished.to, ExecutionState::R0);
+//! assert!(finished.promoted.is_some());
+//!
+//! while let Ok(n) = updates.try_recv() {
+//!     println!("{} {}", n.channel, String::from_utf8_lossy(&n.payload));
+//! }
+//! # Ok(())
+//! # }
+//! ```
+
+mod error;
+mod machine;
+mod publish;
+mod store;
+
+pub use chatstate_model as model;
+pub use chatstate_model::{
+    BusyBehavior, ChatId, ChatRow, ChatStatus, ExecutionState, Input, JsonText, Message,
+    MessageId, NewMessage, Notification, Options, Outcome, Owner, Part, QueuedMessage,
+    QueuedMessageId, Rejection, RejectionKind, Role, RunnerId, Snapshot, Timestamp,
+    ToolResultInput, Transition, Versions, Visibility, WorkerId,
+};
+pub use error::{Error, FlushError, PublishError, StoreError, StoreErrorKind};
+pub use machine::{
+    ChatMachine, CreateChat, Created, Fenced, Locked, ReadLocked, Tx, create_chat,
+};
+pub use publish::{
+    BroadcastPublisher, HighWaterMark, Notify, PublishBuffer, Published, Publisher,
+    RecordingPublisher,
+};
+pub use store::{
+    ChatMetadata, ChatRecord, CreateOutcome, LockMode, MetadataPatch, Store, StoreTx,
+    TestControl,
+};

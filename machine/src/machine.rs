@@ -1,0 +1,770 @@
+//! `ChatMachine`: Update, Lock and ReadLock on one chat, the transaction
+//! handle with one method per transition, and chat creation.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use chatstate_model::{
+    BusyBehavior, Chat, ChatId, ChatRow, EditContext, Env, ExecutionState, Input, JsonText,
+    Matrix, MessageId, NewChat, NewMessage, Notification, Options, Outcome, Owner, Part,
+    QueuedMessageId, Rejection, RejectionKind, RunnerId, Snapshot, ToolResultInput, WorkerId,
+    after_create, after_update, decide, reasons,
+};
+use uuid::Uuid;
+
+use crate::error::Error;
+use crate::publish::{Notify, PublishBuffer};
+use crate::store::{
+    ChatMetadata, ChatRecord, CreateOutcome, LockMode, MetadataPatch, Store, StoreTx,
+};
+
+/// A cheap handle on one chat of a store.
+///
+/// It caches nothing between calls: every [`ChatMachine::update`],
+/// [`ChatMachine::lock`] and [`ChatMachine::read_lock`] runs in a fresh
+/// store transaction that starts by locking the chat's row.
+#[derive(Clone, Debug)]
+pub struct ChatMachine<S: Store> {
+    store: S,
+    notify: Notify,
+    chat_id: ChatId,
+    options: Options,
+}
+
+impl<S: Store> ChatMachine<S> {
+    /// A handle on `chat_id` in `store`, publishing through `notify`.
+    pub fn new(store: S, notify: impl Into<Notify>, chat_id: ChatId, options: Options) -> Self {
+        ChatMachine {
+            store,
+            notify: notify.into(),
+            chat_id,
+            options,
+        }
+    }
+
+    /// The chat.
+    pub fn chat_id(&self) -> ChatId {
+        self.chat_id
+    }
+
+    /// The tunables.
+    pub fn options(&self) -> &Options {
+        &self.options
+    }
+
+    /// The store.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// Runs `f` in a transaction that first locks the chat's row and bumps
+    /// its `snapshot_version` by exactly one, whatever `f` then does.
+    ///
+    /// Transitions applied through the [`Tx`] each validate against the
+    /// effects of the ones before. If `f` fails, or the returned future is
+    /// dropped, everything rolls back, the bump included, and nothing is
+    /// published. On success exactly one `chat:update` is published after
+    /// commit, plus a `chat:ownership` hint when the chat ends runnable
+    /// without a fresh lease.
+    pub async fn update<T>(
+        &self,
+        f: impl AsyncFnOnce(&mut Tx<'_, S>) -> Result<T, Error>,
+    ) -> Result<T, Error> {
+        let Some((mut stx, snap)) = self.store.begin_update(self.chat_id, &self.options).await?
+        else {
+            return Err(Error::ChatNotFound(self.chat_id));
+        };
+        let mut nested = Vec::new();
+        let mut poisoned = None;
+        let mut tx = Tx {
+            stx: &mut stx,
+            chat_id: self.chat_id,
+            snap,
+            options: &self.options,
+            nested: &mut nested,
+            poisoned: &mut poisoned,
+        };
+        let value = match f(&mut tx).await {
+            Ok(v) => v,
+            Err(e) => {
+                // The rollback's own failure is secondary: the transaction
+                // is gone either way.
+                let _ = stx.rollback().await;
+                return Err(e);
+            }
+        };
+        let snap = tx.snap;
+        if let Some(chat) = poisoned {
+            let _ = stx.rollback().await;
+            return Err(Error::NestedUpdateFailed(chat));
+        }
+        let mut notes = nested;
+        notes.extend(after_update(&snap));
+        publish_with_commit(&self.notify, stx, &notes, snap.row.versions.snapshot).await?;
+        Ok(value)
+    }
+
+    /// Runs `f` holding the chat's row lock exclusively, without a bump and
+    /// without publishing. It excludes Updates, Locks and ReadLocks.
+    pub async fn lock<T>(
+        &self,
+        f: impl AsyncFnOnce(&mut Locked<'_, S>) -> Result<T, Error>,
+    ) -> Result<T, Error> {
+        let Some((mut stx, snap)) = self
+            .store
+            .begin_locked(self.chat_id, LockMode::Exclusive, &self.options)
+            .await?
+        else {
+            return Err(Error::ChatNotFound(self.chat_id));
+        };
+        let mut locked = Locked {
+            view: ReadLocked {
+                stx: &mut stx,
+                chat_id: self.chat_id,
+                snap,
+            },
+        };
+        match f(&mut locked).await {
+            Ok(v) => {
+                stx.commit(&[]).await?;
+                Ok(v)
+            }
+            Err(e) => {
+                let _ = stx.rollback().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Runs `f` holding the chat's row lock shared, without a bump and
+    /// without publishing. ReadLocks coexist; Updates and Locks wait.
+    pub async fn read_lock<T>(
+        &self,
+        f: impl AsyncFnOnce(&mut ReadLocked<'_, S>) -> Result<T, Error>,
+    ) -> Result<T, Error> {
+        let Some((mut stx, snap)) = self
+            .store
+            .begin_locked(self.chat_id, LockMode::Shared, &self.options)
+            .await?
+        else {
+            return Err(Error::ChatNotFound(self.chat_id));
+        };
+        let mut view = ReadLocked {
+            stx: &mut stx,
+            chat_id: self.chat_id,
+            snap,
+        };
+        let out = f(&mut view).await;
+        // Nothing was written: commit and rollback end the lock alike.
+        let _ = stx.rollback().await;
+        out
+    }
+
+    /// Reads the whole chat under a shared lock.
+    pub async fn load(&self) -> Result<ChatRecord, Error> {
+        self.read_lock(async |r| r.load().await).await
+    }
+
+    /// Refreshes the lease of `runner` on this chat (store time). Never
+    /// bumps, never publishes, and does not wait for the row lock.
+    pub async fn heartbeat(&self, runner: RunnerId) -> Result<(), Error> {
+        if self.store.heartbeat(self.chat_id, runner).await? {
+            Ok(())
+        } else {
+            Err(Error::ChatNotFound(self.chat_id))
+        }
+    }
+}
+
+/// Commits and publishes: in-transaction notifications go with the commit;
+/// otherwise they wait in a buffer that is flushed only once the commit has
+/// succeeded.
+async fn publish_with_commit<T: StoreTx>(
+    notify: &Notify,
+    stx: T,
+    notes: &[Notification],
+    snapshot_version: i64,
+) -> Result<(), Error> {
+    match notify {
+        Notify::InTransaction => {
+            stx.commit(notes).await?;
+            Ok(())
+        }
+        Notify::AfterCommit(publisher) => {
+            let buffer = PublishBuffer::new(publisher.clone());
+            for n in notes {
+                buffer
+                    .publish_notification(n)
+                    .expect("a fresh buffer accepts notifications");
+            }
+            if let Err(e) = stx.commit(&[]).await {
+                buffer.discard();
+                return Err(e.into());
+            }
+            buffer
+                .flush()
+                .map_err(|source| Error::PublishAfterCommit {
+                    snapshot_version,
+                    source,
+                })
+        }
+    }
+}
+
+/// The transaction of an Update: one method per transition, the current
+/// snapshot, and a metadata view. There is no other access to the store, so
+/// execution state can only change through transitions.
+pub struct Tx<'a, S: Store> {
+    stx: &'a mut S::Tx,
+    chat_id: ChatId,
+    snap: Snapshot,
+    options: &'a Options,
+    nested: &'a mut Vec<Notification>,
+    poisoned: &'a mut Option<ChatId>,
+}
+
+impl<S: Store> std::fmt::Debug for Tx<'_, S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tx")
+            .field("chat_id", &self.chat_id)
+            .field("state", &self.snap.state())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'a, S: Store> Tx<'a, S> {
+    /// The chat.
+    pub fn chat_id(&self) -> ChatId {
+        self.chat_id
+    }
+
+    /// The chat as the transaction sees it now (after the bump and every
+    /// transition applied so far).
+    pub fn snapshot(&self) -> &Snapshot {
+        &self.snap
+    }
+
+    /// The classified state now.
+    pub fn state(&self) -> ExecutionState {
+        self.snap.state()
+    }
+
+    /// The row now.
+    pub fn row(&self) -> &ChatRow {
+        &self.snap.row
+    }
+
+    /// Applies one transition.
+    ///
+    /// The model decides it against the current snapshot (validation order:
+    /// Invalid, matrix, inputs); a rejection writes nothing and leaves the
+    /// transaction usable. Otherwise the store writes the plan, and the
+    /// landed state is asserted to be in the matrix cell.
+    pub async fn apply(&mut self, input: Input) -> Result<Outcome, Error> {
+        self.apply_fenced(input, None).await
+    }
+
+    async fn apply_fenced(
+        &mut self,
+        input: Input,
+        fence: Option<RunnerId>,
+    ) -> Result<Outcome, Error> {
+        let edit: Option<EditContext> = match &input {
+            Input::EditMessage { message_id, .. } => {
+                Some(self.stx.edit_context(self.chat_id, *message_id).await?)
+            }
+            _ => None,
+        };
+        let plan = decide(
+            &self.snap,
+            &input,
+            &Env {
+                options: self.options,
+                matrix: Matrix::REFERENCE,
+                fence,
+                edit: edit.as_ref(),
+            },
+        )?;
+        let assigned = self.stx.apply(self.chat_id, &plan).await?;
+        self.snap.apply(&plan, &assigned);
+        // matrix: every landed state is in its cell. The model checker proves
+        // this for the model; the assertion keeps the runtime honest.
+        assert!(
+            Matrix::REFERENCE.allows_landing(plan.transition, plan.from, plan.to),
+            "{} from {} landed in {}, outside its matrix cell",
+            plan.transition,
+            plan.from,
+            plan.to
+        );
+        debug_assert_eq!(self.snap.state(), plan.to);
+        Ok(plan.outcome(&assigned))
+    }
+
+    /// SetArchived: archive or unarchive an idle or error chat.
+    pub async fn set_archived(&mut self, archived: bool) -> Result<Outcome, Error> {
+        self.apply(Input::SetArchived { archived }).await
+    }
+
+    /// SendMessage: insert, queue, or queue and interrupt, by state.
+    pub async fn send_message(
+        &mut self,
+        message: NewMessage,
+        busy_behavior: BusyBehavior,
+    ) -> Result<Outcome, Error> {
+        self.apply(Input::SendMessage {
+            message,
+            busy_behavior,
+        })
+        .await
+    }
+
+    /// EditMessage: replace an active user message, truncating after it.
+    pub async fn edit_message(
+        &mut self,
+        message_id: MessageId,
+        content: Vec<Part>,
+        created_by: Option<Uuid>,
+    ) -> Result<Outcome, Error> {
+        self.apply(Input::EditMessage {
+            message_id,
+            content,
+            created_by,
+            model_config_id: None,
+        })
+        .await
+    }
+
+    /// RequestCompaction: ask for a manual compaction turn (W -> R0).
+    pub async fn request_compaction(&mut self) -> Result<Outcome, Error> {
+        self.apply(Input::RequestCompaction).await
+    }
+
+    /// DeleteQueuedMessage.
+    pub async fn delete_queued_message(&mut self, id: QueuedMessageId) -> Result<Outcome, Error> {
+        self.apply(Input::DeleteQueuedMessage { id }).await
+    }
+
+    /// PromoteQueuedMessage.
+    pub async fn promote_queued_message(
+        &mut self,
+        id: QueuedMessageId,
+    ) -> Result<Outcome, Error> {
+        self.apply(Input::PromoteQueuedMessage { id }).await
+    }
+
+    /// Interrupt (`None` reason: the default cancellation text).
+    pub async fn interrupt(&mut self, reason: Option<String>) -> Result<Outcome, Error> {
+        self.apply(Input::Interrupt { reason }).await
+    }
+
+    /// CompleteRequiresAction.
+    pub async fn complete_requires_action(
+        &mut self,
+        results: Vec<ToolResultInput>,
+        created_by: Option<Uuid>,
+    ) -> Result<Outcome, Error> {
+        self.apply(Input::CompleteRequiresAction {
+            results,
+            created_by,
+            model_config_id: None,
+        })
+        .await
+    }
+
+    /// Acquire: take ownership and write a fresh heartbeat.
+    pub async fn acquire(
+        &mut self,
+        worker_id: WorkerId,
+        runner_id: RunnerId,
+    ) -> Result<Outcome, Error> {
+        self.apply(Input::Acquire {
+            owner: Owner {
+                worker_id,
+                runner_id,
+            },
+        })
+        .await
+    }
+
+    /// Abandon, unfenced (see [`Tx::fenced`] for the fenced form).
+    pub async fn abandon(&mut self) -> Result<Outcome, Error> {
+        self.apply(Input::Abandon).await
+    }
+
+    /// RecordGenerationAttempt, unfenced.
+    pub async fn record_generation_attempt(&mut self) -> Result<Outcome, Error> {
+        self.apply(Input::RecordGenerationAttempt).await
+    }
+
+    /// RecordRetryState, unfenced.
+    pub async fn record_retry_state(&mut self, retry_state: &str) -> Result<Outcome, Error> {
+        self.apply(Input::RecordRetryState {
+            retry_state: retry_state.to_owned(),
+        })
+        .await
+    }
+
+    /// CommitStep, unfenced.
+    pub async fn commit_step(
+        &mut self,
+        messages: Vec<NewMessage>,
+        consume_compaction_request: bool,
+    ) -> Result<Outcome, Error> {
+        self.apply(Input::CommitStep {
+            messages,
+            consume_compaction_request,
+        })
+        .await
+    }
+
+    /// EnterRequiresAction, unfenced.
+    pub async fn enter_requires_action(&mut self) -> Result<Outcome, Error> {
+        self.apply(Input::EnterRequiresAction).await
+    }
+
+    /// FinishInterruption, unfenced.
+    pub async fn finish_interruption(
+        &mut self,
+        partial_messages: Vec<NewMessage>,
+    ) -> Result<Outcome, Error> {
+        self.apply(Input::FinishInterruption { partial_messages })
+            .await
+    }
+
+    /// FinishTurn, unfenced.
+    pub async fn finish_turn(&mut self) -> Result<Outcome, Error> {
+        self.apply(Input::FinishTurn).await
+    }
+
+    /// FinishError, unfenced.
+    pub async fn finish_error(&mut self, last_error: Option<JsonText>) -> Result<Outcome, Error> {
+        self.apply(Input::FinishError { last_error }).await
+    }
+
+    /// CancelRequiresAction, unfenced.
+    pub async fn cancel_requires_action(
+        &mut self,
+        reason: Option<String>,
+    ) -> Result<Outcome, Error> {
+        self.apply(Input::CancelRequiresAction { reason }).await
+    }
+
+    /// ReconcileInvalidState.
+    pub async fn reconcile_invalid_state(
+        &mut self,
+        last_error: Option<JsonText>,
+        cancellation_reason: Option<String>,
+    ) -> Result<Outcome, Error> {
+        self.apply(Input::ReconcileInvalidState {
+            last_error,
+            cancellation_reason,
+        })
+        .await
+    }
+
+    /// The worker transitions, fenced by the runner the caller holds: each
+    /// first checks, under the lock, that the chat's runner is `runner` and
+    /// otherwise fails with `LeaseLost`, whatever the state.
+    pub fn fenced(&mut self, runner: RunnerId) -> Fenced<'_, 'a, S> {
+        Fenced { tx: self, runner }
+    }
+
+    /// Reads the whole chat (row, metadata, queue, history) as this
+    /// transaction sees it.
+    pub async fn load(&mut self) -> Result<ChatRecord, Error> {
+        Ok(self.stx.load(self.chat_id).await?)
+    }
+
+    /// Writes metadata atomically with the transitions of this Update.
+    pub async fn write_metadata(&mut self, patch: MetadataPatch) -> Result<(), Error> {
+        Ok(self.stx.write_metadata(self.chat_id, &patch).await?)
+    }
+
+    /// Sets the title.
+    pub async fn set_title(&mut self, title: impl Into<String>) -> Result<(), Error> {
+        self.write_metadata(MetadataPatch {
+            title: Some(title.into()),
+            ..MetadataPatch::default()
+        })
+        .await
+    }
+
+    /// Replaces the labels.
+    pub async fn set_labels(&mut self, labels: BTreeMap<String, String>) -> Result<(), Error> {
+        self.write_metadata(MetadataPatch {
+            labels: Some(labels),
+            ..MetadataPatch::default()
+        })
+        .await
+    }
+
+    /// Replaces the free metadata JSON.
+    pub async fn set_metadata(&mut self, metadata: Option<JsonText>) -> Result<(), Error> {
+        self.write_metadata(MetadataPatch {
+            metadata: Some(metadata),
+            ..MetadataPatch::default()
+        })
+        .await
+    }
+
+    /// Runs a nested Update of another chat inside this transaction: its
+    /// row is locked and bumped here, its notifications are published only
+    /// after this transaction commits, and if it fails this transaction can
+    /// no longer commit (there is no partial rollback).
+    pub async fn update_nested<T>(
+        &mut self,
+        chat: ChatId,
+        f: impl AsyncFnOnce(&mut Tx<'_, S>) -> Result<T, Error>,
+    ) -> Result<T, Error> {
+        let snap = match self.stx.begin_nested(chat, self.options).await {
+            Ok(Some(snap)) => snap,
+            Ok(None) => return Err(Error::ChatNotFound(chat)),
+            Err(e) => {
+                *self.poisoned = Some(chat);
+                return Err(e.into());
+            }
+        };
+        let mut inner = Tx {
+            stx: &mut *self.stx,
+            chat_id: chat,
+            snap,
+            options: self.options,
+            nested: &mut *self.nested,
+            poisoned: &mut *self.poisoned,
+        };
+        match f(&mut inner).await {
+            Ok(v) => {
+                let notes = after_update(&inner.snap);
+                self.nested.extend(notes);
+                Ok(v)
+            }
+            Err(e) => {
+                *self.poisoned = Some(chat);
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Worker transitions fenced by a runner id (see [`Tx::fenced`]).
+pub struct Fenced<'t, 'a, S: Store> {
+    tx: &'t mut Tx<'a, S>,
+    runner: RunnerId,
+}
+
+impl<S: Store> Fenced<'_, '_, S> {
+    async fn apply(&mut self, input: Input) -> Result<Outcome, Error> {
+        self.tx.apply_fenced(input, Some(self.runner)).await
+    }
+
+    /// Abandon, if the chat is still ours.
+    pub async fn abandon(&mut self) -> Result<Outcome, Error> {
+        self.apply(Input::Abandon).await
+    }
+
+    /// RecordGenerationAttempt, if the chat is still ours.
+    pub async fn record_generation_attempt(&mut self) -> Result<Outcome, Error> {
+        self.apply(Input::RecordGenerationAttempt).await
+    }
+
+    /// RecordRetryState, if the chat is still ours.
+    pub async fn record_retry_state(&mut self, retry_state: &str) -> Result<Outcome, Error> {
+        self.apply(Input::RecordRetryState {
+            retry_state: retry_state.to_owned(),
+        })
+        .await
+    }
+
+    /// CommitStep, if the chat is still ours.
+    pub async fn commit_step(
+        &mut self,
+        messages: Vec<NewMessage>,
+        consume_compaction_request: bool,
+    ) -> Result<Outcome, Error> {
+        self.apply(Input::CommitStep {
+            messages,
+            consume_compaction_request,
+        })
+        .await
+    }
+
+    /// EnterRequiresAction, if the chat is still ours.
+    pub async fn enter_requires_action(&mut self) -> Result<Outcome, Error> {
+        self.apply(Input::EnterRequiresAction).await
+    }
+
+    /// FinishInterruption, if the chat is still ours.
+    pub async fn finish_interruption(
+        &mut self,
+        partial_messages: Vec<NewMessage>,
+    ) -> Result<Outcome, Error> {
+        self.apply(Input::FinishInterruption { partial_messages })
+            .await
+    }
+
+    /// FinishTurn, if the chat is still ours.
+    pub async fn finish_turn(&mut self) -> Result<Outcome, Error> {
+        self.apply(Input::FinishTurn).await
+    }
+
+    /// FinishError, if the chat is still ours.
+    pub async fn finish_error(&mut self, last_error: Option<JsonText>) -> Result<Outcome, Error> {
+        self.apply(Input::FinishError { last_error }).await
+    }
+
+    /// CancelRequiresAction, if the chat is still ours.
+    pub async fn cancel_requires_action(
+        &mut self,
+        reason: Option<String>,
+    ) -> Result<Outcome, Error> {
+        self.apply(Input::CancelRequiresAction { reason }).await
+    }
+
+    /// Any worker transition by input, fenced.
+    pub async fn apply_input(&mut self, input: Input) -> Result<Outcome, Error> {
+        self.apply(input).await
+    }
+}
+
+/// A chat held under a shared row lock (ReadLock): reads only.
+pub struct ReadLocked<'a, S: Store> {
+    stx: &'a mut S::Tx,
+    chat_id: ChatId,
+    snap: Snapshot,
+}
+
+impl<S: Store> ReadLocked<'_, S> {
+    /// The chat.
+    pub fn chat_id(&self) -> ChatId {
+        self.chat_id
+    }
+
+    /// The snapshot taken with the lock.
+    pub fn snapshot(&self) -> &Snapshot {
+        &self.snap
+    }
+
+    /// The classified state.
+    pub fn state(&self) -> ExecutionState {
+        self.snap.state()
+    }
+
+    /// Reads the whole chat.
+    pub async fn load(&mut self) -> Result<ChatRecord, Error> {
+        Ok(self.stx.load(self.chat_id).await?)
+    }
+}
+
+/// A chat held under an exclusive row lock (Lock): reads, and metadata
+/// writes that roll back with the callback.
+pub struct Locked<'a, S: Store> {
+    view: ReadLocked<'a, S>,
+}
+
+impl<'a, S: Store> std::ops::Deref for Locked<'a, S> {
+    type Target = ReadLocked<'a, S>;
+    fn deref(&self) -> &Self::Target {
+        &self.view
+    }
+}
+
+impl<S: Store> std::ops::DerefMut for Locked<'_, S> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.view
+    }
+}
+
+impl<S: Store> Locked<'_, S> {
+    /// Writes metadata (committed with the lock's transaction).
+    pub async fn write_metadata(&mut self, patch: MetadataPatch) -> Result<(), Error> {
+        Ok(self
+            .view
+            .stx
+            .write_metadata(self.view.chat_id, &patch)
+            .await?)
+    }
+}
+
+/// The input of [`create_chat`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CreateChat {
+    /// The id to use; a random one when `None`.
+    pub id: Option<ChatId>,
+    /// The owning user (creator of queued messages by default).
+    pub owner_id: Uuid,
+    /// Names of client-executed tools.
+    pub dynamic_tools: BTreeSet<String>,
+    /// Model configuration of synthetic messages.
+    pub last_model_config_id: Option<Uuid>,
+    /// Metadata.
+    pub metadata: ChatMetadata,
+    /// The initial history; must not be empty.
+    pub messages: Vec<NewMessage>,
+}
+
+/// A created chat.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Created {
+    /// Its id.
+    pub chat_id: ChatId,
+    /// Its row (running, snapshot 1, history 1).
+    pub row: ChatRow,
+    /// The initial messages' ids.
+    pub messages: Vec<MessageId>,
+}
+
+/// CreateChat (N -> R0): inserts the row and its initial history in one
+/// transaction, then publishes a `chat:update` and, always, an ownership
+/// hint. No lock is taken; the row starts at snapshot 1.
+pub async fn create_chat<S: Store>(
+    store: &S,
+    notify: &Notify,
+    input: CreateChat,
+) -> Result<Created, Error> {
+    let id = input.id.unwrap_or_else(ChatId::new_random);
+    let chat = Chat::create(&NewChat {
+        id,
+        owner_id: input.owner_id,
+        dynamic_tools: input.dynamic_tools,
+        last_model_config_id: input.last_model_config_id,
+        messages: input.messages.clone(),
+    })?;
+    let notes = after_create(&chat.row);
+    let in_tx: &[Notification] = match notify {
+        Notify::InTransaction => &notes,
+        Notify::AfterCommit(_) => &[],
+    };
+    let messages = match store
+        .create_chat(&chat.row, &input.metadata, &input.messages, in_tx)
+        .await?
+    {
+        CreateOutcome::Created(ids) => ids,
+        CreateOutcome::AlreadyExists(state) => {
+            return Err(Error::Rejected(Rejection {
+                transition: chatstate_model::Transition::CreateChat,
+                from: state,
+                kind: RejectionKind::TransitionNotAllowed {
+                    reason: Some(reasons::CREATE_EXISTS),
+                },
+            }));
+        }
+    };
+    if let Notify::AfterCommit(publisher) = notify {
+        let buffer = PublishBuffer::new(publisher.clone());
+        for n in &notes {
+            buffer
+                .publish_notification(n)
+                .expect("a fresh buffer accepts notifications");
+        }
+        buffer
+            .flush()
+            .map_err(|source| Error::PublishAfterCommit {
+                snapshot_version: chat.row.versions.snapshot,
+                source,
+            })?;
+    }
+    Ok(Created {
+        chat_id: id,
+        row: chat.row,
+        messages,
+    })
+}

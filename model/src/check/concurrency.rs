@@ -1,0 +1,1 @@
+//! The concurrency model (being written).

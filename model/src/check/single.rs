@@ -1,0 +1,1 @@
+//! The single-chat model (being written).
