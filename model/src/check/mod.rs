@@ -50,7 +50,7 @@ pub struct PropertyVerdict {
 }
 
 /// The result of one exhaustive run.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct CheckReport {
     /// Which model.
     pub model: &'static str,
