@@ -184,7 +184,7 @@ impl ChatRecord {
     }
 
     /// The active history.
-    pub fn active_history(&self) -> impl Iterator<Item = &Message> {
+    pub fn active_history(&self) -> impl DoubleEndedIterator<Item = &Message> {
         self.history.iter().filter(|m| !m.deleted)
     }
 }

@@ -1,0 +1,3 @@
+//! The generic store suite on the in-memory store.
+
+chatstate_tests::store_suite!(chatstate_tests::MemBackend);
