@@ -1,0 +1,95 @@
+//! The dependency and purity invariants of docs/architecture.md.
+
+use std::path::{Path, PathBuf};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// The workspace crates a member depends on (normal and dev dependencies).
+fn deps(member: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(root().join(member).join("Cargo.toml")).unwrap();
+    let mut out = Vec::new();
+    let mut in_deps = false;
+    for line in text.lines() {
+        let line = line.trim();
+        if line.starts_with('[') {
+            in_deps = line == "[dependencies]" || line == "[dev-dependencies]";
+            continue;
+        }
+        if in_deps {
+            if let Some(name) = line.split(['=', '.', ' ']).next() {
+                if name.starts_with("chatstate") {
+                    out.push(name.to_owned());
+                }
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+fn normal_deps(member: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(root().join(member).join("Cargo.toml")).unwrap();
+    let section = text
+        .split("\n[")
+        .find(|s| s.starts_with("dependencies]"))
+        .unwrap_or("");
+    let mut out: Vec<String> = section
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split(['=', '.', ' ']).next())
+        .filter(|n| n.starts_with("chatstate"))
+        .map(str::to_owned)
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn dependencies_point_one_way() {
+    assert!(normal_deps("model").is_empty(), "model depends on no crate of ours");
+    assert_eq!(normal_deps("machine"), ["chatstate-model"]);
+    for store in ["store-mem", "store-pg"] {
+        assert_eq!(normal_deps(store), ["chatstate", "chatstate-model"], "{store}");
+    }
+    for (store, other) in [("store-mem", "chatstate-store-pg"), ("store-pg", "chatstate-store-mem")] {
+        assert!(!deps(store).contains(&other.to_owned()), "{store} depends on {other}");
+    }
+}
+
+fn sources(dir: &Path) -> Vec<(PathBuf, String)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(sources(&path));
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push((path.clone(), std::fs::read_to_string(&path).unwrap()));
+        }
+    }
+    out
+}
+
+#[test]
+fn model_performs_no_io() {
+    let manifest = std::fs::read_to_string(root().join("model/Cargo.toml")).unwrap();
+    for banned in ["tokio", "sqlx"] {
+        assert!(!manifest.contains(banned), "model/Cargo.toml mentions {banned}");
+    }
+    for (path, text) in sources(&root().join("model/src")) {
+        for banned in ["std::fs", "std::net", "std::process", "tokio::", "sqlx::"] {
+            assert!(!text.contains(banned), "{} uses {banned}", path.display());
+        }
+    }
+}
+
+#[test]
+fn machine_never_names_sqlx() {
+    let manifest = std::fs::read_to_string(root().join("machine/Cargo.toml")).unwrap();
+    assert!(!manifest.contains("sqlx"));
+    for (path, text) in sources(&root().join("machine/src")) {
+        assert!(!text.contains("sqlx"), "{} names sqlx", path.display());
+    }
+}
