@@ -221,11 +221,11 @@ impl Chat {
                 m.revision = revision;
             }
         }
-        if let Some(id) = plan.reorder_to_head {
-            if let Some(pos) = self.queue.iter().position(|q| q.id == id) {
-                let item = self.queue.remove(pos);
-                self.queue.insert(0, item);
-            }
+        if let Some(id) = plan.reorder_to_head
+            && let Some(pos) = self.queue.iter().position(|q| q.id == id)
+        {
+            let item = self.queue.remove(pos);
+            self.queue.insert(0, item);
         }
         self.queue.retain(|q| !plan.delete_queued.contains(&q.id));
         let mut assigned = Assigned::default();

@@ -686,10 +686,10 @@ impl ToolState {
             if call.provider_executed || self.handled.contains(&call.id) {
                 continue;
             }
-            if let Some(dynamic) = dynamic {
-                if !dynamic.contains(&call.name) {
-                    continue;
-                }
+            if let Some(dynamic) = dynamic
+                && !dynamic.contains(&call.name)
+            {
+                continue;
             }
             if seen.insert(call.id.clone()) {
                 out.push((call.id.clone(), call.name.clone()));

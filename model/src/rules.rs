@@ -185,11 +185,11 @@ impl Plan {
         appended: Option<QueuedMessageId>,
     ) -> Vec<QueuedMessageId> {
         let mut q: Vec<QueuedMessageId> = before.to_vec();
-        if let Some(id) = self.reorder_to_head {
-            if let Some(pos) = q.iter().position(|x| *x == id) {
-                let item = q.remove(pos);
-                q.insert(0, item);
-            }
+        if let Some(id) = self.reorder_to_head
+            && let Some(pos) = q.iter().position(|x| *x == id)
+        {
+            let item = q.remove(pos);
+            q.insert(0, item);
         }
         q.retain(|id| !self.delete_queued.contains(id) && Some(*id) != self.promote);
         if let Some(id) = appended {
