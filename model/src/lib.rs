@@ -22,6 +22,8 @@ mod rules;
 mod state;
 mod transition;
 
+pub mod render;
+
 #[cfg(feature = "check")]
 pub mod check;
 
