@@ -30,7 +30,11 @@ async fn main() -> anyhow::Result<()> {
     )
     .await?;
     let chat = ChatMachine::new(store, notify, created.chat_id, Options::default());
-    println!("created {} in {}", created.chat_id, chat.load().await?.state());
+    println!(
+        "created {} in {}",
+        created.chat_id,
+        chat.load().await?.state()
+    );
 
     // A worker acquires the chat and commits one step, in one Update.
     let (worker, runner) = (WorkerId::new_random(), RunnerId::new_random());

@@ -74,20 +74,17 @@ mod store;
 
 pub use chatstate_model as model;
 pub use chatstate_model::{
-    BusyBehavior, ChatId, ChatRow, ChatStatus, ExecutionState, Input, JsonText, Message,
-    MessageId, NewMessage, Notification, Options, Outcome, Owner, Part, QueuedMessage,
-    QueuedMessageId, Rejection, RejectionKind, Role, RunnerId, Snapshot, Timestamp,
-    ToolResultInput, Transition, Versions, Visibility, WorkerId,
+    BusyBehavior, ChatId, ChatRow, ChatStatus, ExecutionState, Input, JsonText, Message, MessageId,
+    NewMessage, Notification, Options, Outcome, Owner, Part, QueuedMessage, QueuedMessageId,
+    Rejection, RejectionKind, Role, RunnerId, Snapshot, Timestamp, ToolResultInput, Transition,
+    Versions, Visibility, WorkerId,
 };
 pub use error::{Error, FlushError, PublishError, StoreError, StoreErrorKind};
-pub use machine::{
-    ChatMachine, CreateChat, Created, Fenced, Locked, ReadLocked, Tx, create_chat,
-};
+pub use machine::{ChatMachine, CreateChat, Created, Fenced, Locked, ReadLocked, Tx, create_chat};
 pub use publish::{
     BroadcastPublisher, HighWaterMark, Notify, PublishBuffer, Published, Publisher,
     RecordingPublisher,
 };
 pub use store::{
-    ChatMetadata, ChatRecord, CreateOutcome, LockMode, MetadataPatch, Store, StoreTx,
-    TestControl,
+    ChatMetadata, ChatRecord, CreateOutcome, LockMode, MetadataPatch, Store, StoreTx, TestControl,
 };

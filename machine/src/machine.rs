@@ -4,10 +4,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use chatstate_model::{
-    BusyBehavior, Chat, ChatId, ChatRow, EditContext, Env, ExecutionState, Input, JsonText,
-    Matrix, MessageId, NewChat, NewMessage, Notification, Options, Outcome, Owner, Part,
-    QueuedMessageId, Rejection, RejectionKind, RunnerId, Snapshot, ToolResultInput, WorkerId,
-    after_create, after_update, decide, reasons,
+    BusyBehavior, Chat, ChatId, ChatRow, EditContext, Env, ExecutionState, Input, JsonText, Matrix,
+    MessageId, NewChat, NewMessage, Notification, Options, Outcome, Owner, Part, QueuedMessageId,
+    Rejection, RejectionKind, RunnerId, Snapshot, ToolResultInput, WorkerId, after_create,
+    after_update, decide, reasons,
 };
 use uuid::Uuid;
 
@@ -200,12 +200,10 @@ async fn publish_with_commit<T: StoreTx>(
                 buffer.discard();
                 return Err(e.into());
             }
-            buffer
-                .flush()
-                .map_err(|source| Error::PublishAfterCommit {
-                    snapshot_version,
-                    source,
-                })
+            buffer.flush().map_err(|source| Error::PublishAfterCommit {
+                snapshot_version,
+                source,
+            })
         }
     }
 }
@@ -344,10 +342,7 @@ impl<'a, S: Store> Tx<'a, S> {
     }
 
     /// PromoteQueuedMessage.
-    pub async fn promote_queued_message(
-        &mut self,
-        id: QueuedMessageId,
-    ) -> Result<Outcome, Error> {
+    pub async fn promote_queued_message(&mut self, id: QueuedMessageId) -> Result<Outcome, Error> {
         self.apply(Input::PromoteQueuedMessage { id }).await
     }
 
@@ -755,12 +750,10 @@ pub async fn create_chat<S: Store>(
                 .publish_notification(n)
                 .expect("a fresh buffer accepts notifications");
         }
-        buffer
-            .flush()
-            .map_err(|source| Error::PublishAfterCommit {
-                snapshot_version: chat.row.versions.snapshot,
-                source,
-            })?;
+        buffer.flush().map_err(|source| Error::PublishAfterCommit {
+            snapshot_version: chat.row.versions.snapshot,
+            source,
+        })?;
     }
     Ok(Created {
         chat_id: id,

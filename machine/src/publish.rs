@@ -147,9 +147,7 @@ pub struct Published {
 
 impl Published {
     /// Parses the typed notification.
-    pub fn notification(
-        &self,
-    ) -> Result<Notification, chatstate_model::NotificationParseError> {
+    pub fn notification(&self) -> Result<Notification, chatstate_model::NotificationParseError> {
         Notification::parse(&self.channel, &self.payload)
     }
 }

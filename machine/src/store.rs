@@ -117,10 +117,8 @@ pub trait StoreTx: Send {
     ) -> impl Future<Output = Result<Option<Snapshot>, StoreError>> + Send;
 
     /// Reads the whole of a chat this transaction has locked.
-    fn load(
-        &mut self,
-        chat: ChatId,
-    ) -> impl Future<Output = Result<ChatRecord, StoreError>> + Send;
+    fn load(&mut self, chat: ChatId)
+    -> impl Future<Output = Result<ChatRecord, StoreError>> + Send;
 
     /// Writes metadata of a chat this transaction has locked exclusively.
     /// Metadata is not execution state: no version moves.
@@ -133,10 +131,8 @@ pub trait StoreTx: Send {
     /// Commits, delivering `notify` atomically with the commit (the store's
     /// own notification channel; empty unless the machine notifies in
     /// transaction).
-    fn commit(
-        self,
-        notify: &[Notification],
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    fn commit(self, notify: &[Notification])
+    -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// Rolls back now (dropping also rolls back, but may be costlier).
     fn rollback(self) -> impl Future<Output = Result<(), StoreError>> + Send;

@@ -13,8 +13,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::data::{
-    ChatId, ChatRow, Message, MessageId, NewMessage, QueuedMessage, QueuedMessageId,
-    RunnerId, Timestamp, ToolState, Versions,
+    ChatId, ChatRow, Message, MessageId, NewMessage, QueuedMessage, QueuedMessageId, RunnerId,
+    Timestamp, ToolState, Versions,
 };
 use crate::input::{Input, Options};
 use crate::notify::Notification;

@@ -191,9 +191,7 @@ fn write_canonical(value: &serde_json::Value, out: &mut String) {
 }
 
 /// The author role of a history message.
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
-)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
     /// System prompt material.
@@ -676,10 +674,7 @@ impl ToolState {
     /// The outstanding calls, `(id, name)` in content order: not
     /// provider-executed and not answered. With `dynamic` set, only calls of
     /// tools in `dynamic_tools`. Duplicate ids count once.
-    pub fn outstanding(
-        &self,
-        dynamic: Option<&BTreeSet<String>>,
-    ) -> Vec<(String, String)> {
+    pub fn outstanding(&self, dynamic: Option<&BTreeSet<String>>) -> Vec<(String, String)> {
         let mut seen = BTreeSet::new();
         let mut out = Vec::new();
         for call in &self.calls {

@@ -141,7 +141,9 @@ fn render(r: &Rejection) -> String {
     );
     match &r.kind {
         K::TransitionNotAllowed { reason: None } => base,
-        K::TransitionNotAllowed { reason: Some(reason) } => format!("{base}: {reason}"),
+        K::TransitionNotAllowed {
+            reason: Some(reason),
+        } => format!("{base}: {reason}"),
         K::InvalidState => "chat is in an invalid execution state".to_owned(),
         K::ChatNotFound => "chat not found".to_owned(),
         K::QueuedMessageNotFound { id } => format!("queued message not found: {id}"),
@@ -189,7 +191,8 @@ pub mod reasons {
     /// CancelRequiresAction with nothing to cancel.
     pub const NOTHING_TO_CANCEL: &str = "no pending dynamic tool calls to cancel";
     /// FinishInterruption leaving calls unanswered.
-    pub const OUTSTANDING_AFTER_PARTIAL: &str = "outstanding tool calls remain after partial commit";
+    pub const OUTSTANDING_AFTER_PARTIAL: &str =
+        "outstanding tool calls remain after partial commit";
     /// ReconcileInvalidState from a valid state.
     pub const RECONCILE_VALID: &str = "reconcile is only valid for invalid states";
     /// Abandon of an unowned chat.

@@ -407,7 +407,9 @@ pub fn decide(snap: &Snapshot, input: &Input, env: &Env<'_>) -> Result<Plan, Rej
                 return Err(reject(RejectionKind::MessageNotFound { id: *message_id }));
             };
             if target.role != Role::User {
-                return Err(reject(RejectionKind::EditedMessageNotUser { id: *message_id }));
+                return Err(reject(RejectionKind::EditedMessageNotUser {
+                    id: *message_id,
+                }));
             }
             // Truncate: soft-delete the target and everything after it, then
             // reason about tool calls as the surviving history leaves them.
@@ -456,7 +458,9 @@ pub fn decide(snap: &Snapshot, input: &Input, env: &Env<'_>) -> Result<Plan, Rej
                     d.promote = Some(*id);
                     d.resume_running();
                 }
-                _ => unreachable!("matrix gate admits PromoteQueuedMessage only from E1, R1, I1, A1"),
+                _ => {
+                    unreachable!("matrix gate admits PromoteQueuedMessage only from E1, R1, I1, A1")
+                }
             }
         }
         Input::Interrupt { reason } => match from {

@@ -188,11 +188,7 @@ pub type Triple = (Transition, ExecutionState, ExecutionState);
 use ExecutionState::{A0, A1, E0, E1, I0, I1, Invalid, N, R0, R1, W, XE0, XE1, XW};
 use Transition::*;
 
-const fn cell(
-    transition: Transition,
-    from: ExecutionState,
-    to: &'static [ExecutionState],
-) -> Cell {
+const fn cell(transition: Transition, from: ExecutionState, to: &'static [ExecutionState]) -> Cell {
     Cell {
         transition,
         from,
@@ -439,10 +435,7 @@ mod tests {
             allowed_transitions_from(ExecutionState::W),
             [SetArchived, SendMessage, EditMessage, RequestCompaction]
         );
-        assert_eq!(
-            allowed_input_states(DeleteQueuedMessage),
-            [E1, R1, I1, A1]
-        );
+        assert_eq!(allowed_input_states(DeleteQueuedMessage), [E1, R1, I1, A1]);
         assert_eq!(allowed_outputs(SendMessage, R0), [R1, I1]);
         assert!(allowed_outputs(FinishTurn, W).is_empty());
         assert!(Matrix::REFERENCE.allows(Acquire, Invalid));

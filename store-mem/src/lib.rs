@@ -21,13 +21,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use chatstate::{
-    ChatMetadata, ChatRecord, CreateOutcome, LockMode, MetadataPatch, Published, Store,
-    StoreError, StoreErrorKind, StoreTx, TestControl,
+    ChatMetadata, ChatRecord, CreateOutcome, LockMode, MetadataPatch, Published, Store, StoreError,
+    StoreErrorKind, StoreTx, TestControl,
 };
 use chatstate_model::{
-    Assigned, ChatId, ChatRow, ChatStatus, EditContext, EditTarget, Message, MessageId,
-    NewMessage, Notification, Options, Plan, QueuedMessage, QueuedMessageId, Role, RunnerId,
-    Snapshot, Timestamp, ToolState,
+    Assigned, ChatId, ChatRow, ChatStatus, EditContext, EditTarget, Message, MessageId, NewMessage,
+    Notification, Options, Plan, QueuedMessage, QueuedMessageId, Role, RunnerId, Snapshot,
+    Timestamp, ToolState,
 };
 use tokio::sync::{OwnedRwLockReadGuard, OwnedRwLockWriteGuard, RwLock, broadcast};
 
@@ -230,7 +230,12 @@ impl MemStore {
     }
 
     fn slot(&self, chat: ChatId) -> Option<Arc<Slot>> {
-        self.inner.chats.lock().expect("chat map").get(&chat).cloned()
+        self.inner
+            .chats
+            .lock()
+            .expect("chat map")
+            .get(&chat)
+            .cloned()
     }
 
     /// How many transactions are waiting for a row lock right now (lets
@@ -265,7 +270,7 @@ impl Inner {
         let f = &self.faults;
         let n = f.calls.fetch_add(1, Ordering::SeqCst) + 1;
         let every = f.fail_every.load(Ordering::SeqCst);
-        if f.fail_at.load(Ordering::SeqCst) == n || (every > 0 && n % every == 0) {
+        if f.fail_at.load(Ordering::SeqCst) == n || (every > 0 && n.is_multiple_of(every)) {
             f.injected.fetch_add(1, Ordering::SeqCst);
             return Err(StoreError::injected(context));
         }
@@ -388,7 +393,10 @@ impl MemTx {
         let store = MemStore {
             inner: self.inner.clone(),
         };
-        let already = self.locks.iter().any(|(id, _, g)| *id == chat && g.exclusive());
+        let already = self
+            .locks
+            .iter()
+            .any(|(id, _, g)| *id == chat && g.exclusive());
         if !already {
             let Some((slot, guard)) = store.lock(chat, LockMode::Exclusive).await else {
                 return Ok(None);
@@ -528,7 +536,11 @@ impl StoreTx for MemTx {
         // Check everything the plan refers to before writing anything, so a
         // bad plan leaves the chat untouched.
         let bad = |what: &str| {
-            StoreError::new("apply plan", StoreErrorKind::Data, format!("plan refers to {what}"))
+            StoreError::new(
+                "apply plan",
+                StoreErrorKind::Data,
+                format!("plan refers to {what}"),
+            )
         };
         let soft: Vec<usize> = plan
             .soft_delete
