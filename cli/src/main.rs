@@ -35,7 +35,7 @@ fn main() -> anyhow::Result<ExitCode> {
             &args,
             &[
                 chatstate_model::check::single::run,
-                // CONCURRENCY REPORT GOES HERE: chatstate_model::check::concurrency::run,
+                chatstate_model::check::concurrency::run,
             ],
         ),
         Command::Matrix(args) => matrix::run(&args),
