@@ -1,1 +1,365 @@
-//! placeholder
+//! The PostgreSQL store of chatstate, on sqlx.
+//!
+//! [`PgStore`] implements [`chatstate::Store`]: it locks chat rows, writes
+//! the [`Plan`](chatstate_model::Plan)s the machine decides, verbatim, and
+//! delivers notifications with the commit (`NOTIFY`). It holds no
+//! transition rules and computes no versions: every number it writes comes
+//! from the pure model.
+//!
+//! # The lean path
+//!
+//! An Update of one transition costs three round trips (four for
+//! EditMessage), counted by [`PgStore::round_trips`]:
+//!
+//! 1. `BEGIN`, the row lock with the snapshot bump, and the read of the
+//!    snapshot (row, queue ids, lease freshness, store time, tool
+//!    bookkeeping), in one simple-query message;
+//! 2. the plan's writes, in one statement (EditMessage first reads its
+//!    target: one more);
+//! 3. the notifications and `COMMIT`, in one simple-query message.
+//!
+//! An empty Update, Lock and ReadLock cost two (open, end). [`goshape`]
+//! runs the statement sequence of the Go original on the same schema for
+//! comparison (ten round trips).
+//!
+//! # Pieces
+//!
+//! - [`migrate`] applies the embedded schema migrations.
+//! - [`PgNotifyListener`] receives the notifications as typed
+//!   [`chatstate_model::Notification`]s and reports reconnects.
+//! - [`throwaway`] starts a disposable Postgres cluster for tests, the test
+//!   suites of other crates and the CLI.
+//!
+//! # Connection pools
+//!
+//! Build the pool with [`pool_options`]: it prepares the statements that
+//! open transactions on every new connection, and does not ping a
+//! connection when it is checked out (sqlx's default, one more round trip
+//! per transaction). Any other pool works, at the price of those pings and
+//! of preparing on a connection's first use.
+//!
+//! # Example
+//!
+//! ```
+//! use chatstate::{ChatMachine, CreateChat, Notify, NewMessage, Options, create_chat};
+//! use chatstate_store_pg::{PgStore, throwaway::Cluster};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // A fresh migrated database on a throwaway cluster (or DATABASE_URL).
+//! let store = PgStore::new(Cluster::shared()?.new_database().await?);
+//! let created = create_chat(&store, &Notify::InTransaction, CreateChat {
+//!     messages: vec![NewMessage::user("hello")],
+//!     ..CreateChat::default()
+//! }).await?;
+//! let chat = ChatMachine::new(store.clone(), Notify::InTransaction, created.chat_id,
+//!                             Options::default());
+//! let before = store.round_trips();
+//! chat.update(async |tx| tx.commit_step(vec![NewMessage::assistant("hi")], false).await)
+//!     .await?;
+//! assert_eq!(store.round_trips() - before, 3);
+//! # Ok(())
+//! # }
+//! ```
+
+// First: the SQL fragments are macros, visible to the modules after it.
+#[macro_use]
+mod sql;
+mod decode;
+mod error;
+pub mod goshape;
+mod jsonb;
+mod listen;
+pub mod throwaway;
+mod tx;
+
+use std::time::Duration;
+
+use chatstate::{
+    ChatMetadata, CreateOutcome, LockMode, Store, StoreError, StoreErrorKind, TestControl,
+};
+use chatstate_model::{
+    ChatId, ChatRow, ChatStatus, ExecutionState, MessageId, NewMessage, Notification, Options,
+    RunnerId, Snapshot,
+};
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+
+pub use error::PgStoreFault;
+pub use listen::{LISTENER_APPLICATION_NAME, ListenerEvent, PgNotifyListener, update_channel};
+pub use tx::PgTx;
+
+use crate::decode::get;
+use crate::error::{is_foreign_key_violation, store_error};
+use crate::sql::Opening;
+use crate::tx::{RoundTrips, message_json, micros, stored_json};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// The status values the schema accepts besides the model's
+/// [`ChatStatus::KNOWN`]: legacy values a row may still hold, which
+/// classify as Invalid.
+pub const LEGACY_STATUSES: [&str; 3] = ["pending", "paused", "completed"];
+
+/// Applies the embedded migrations (`store-pg/migrations/`) that are not
+/// applied yet.
+pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
+    migrate_with(pool).await
+}
+
+/// Applies the migrations through anything that yields a connection.
+pub(crate) async fn migrate_with<'a, A>(conn: A) -> Result<(), StoreError>
+where
+    A: sqlx::Acquire<'a, Database = sqlx::Postgres>,
+    <A::Connection as std::ops::Deref>::Target: sqlx::migrate::Migrate,
+{
+    const CONTEXT: &str = "migrate";
+    MIGRATOR.run(conn).await.map_err(|e| match e {
+        sqlx::migrate::MigrateError::Execute(e) => store_error(CONTEXT, e),
+        sqlx::migrate::MigrateError::ExecuteMigration(e, _) => store_error(CONTEXT, e),
+        other => StoreError::new(CONTEXT, StoreErrorKind::Other, other),
+    })
+}
+
+/// Pool options suited to this store: every new connection prepares the
+/// statements that open transactions, and a connection is not pinged when
+/// it is checked out (the lean path counts on one round trip to open a
+/// transaction). Other pools work too; a connection then prepares on its
+/// first opening, three round trips more, once.
+pub fn pool_options() -> PgPoolOptions {
+    PgPoolOptions::new()
+        .test_before_acquire(false)
+        .max_connections(16)
+        .after_connect(|conn, _meta| {
+            Box::pin(async move {
+                // The tables may not exist yet (a pool made before
+                // migrating): then the openings prepare on first use.
+                let _ = tx::prepare(conn, &[]).await;
+                Ok(())
+            })
+        })
+}
+
+/// The PostgreSQL store.
+///
+/// Cheap to clone; clones share the pool and the round-trip counter.
+#[derive(Clone, Debug)]
+pub struct PgStore {
+    pool: PgPool,
+    round_trips: RoundTrips,
+}
+
+impl PgStore {
+    /// A store on a pool of a migrated database (see [`migrate`] and
+    /// [`pool_options`]).
+    pub fn new(pool: PgPool) -> Self {
+        PgStore {
+            pool,
+            round_trips: RoundTrips::default(),
+        }
+    }
+
+    /// The pool.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Requests awaited from the server so far by this store and its
+    /// transactions (every statement or batch of statements sent,
+    /// `BEGIN`, `COMMIT` and `ROLLBACK` included). The first use of a
+    /// prepared statement on a connection also prepares it, which this
+    /// counter does not see; it counts the steady state.
+    pub fn round_trips(&self) -> u64 {
+        self.round_trips.get()
+    }
+
+    /// How many backends of this database wait for a lock right now (a
+    /// test aid to observe that a transaction blocks).
+    pub async fn lock_waiters(&self) -> Result<usize, StoreError> {
+        const CONTEXT: &str = "count lock waiters";
+        self.round_trips.tick();
+        let row = sqlx::query(sql::LOCK_WAITERS)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| store_error(CONTEXT, e))?;
+        let n: i64 = get(&row, CONTEXT, "count")?;
+        Ok(usize::try_from(n).unwrap_or(0))
+    }
+
+    async fn open(
+        &self,
+        opening: Opening,
+        chat: ChatId,
+        options: &Options,
+    ) -> Result<Option<(PgTx, Snapshot)>, StoreError> {
+        let conn = self
+            .pool
+            .acquire()
+            .await
+            .map_err(|e| store_error("acquire connection", e))?;
+        PgTx::open(conn, self.round_trips.clone(), opening, chat, options).await
+    }
+}
+
+/// The execution state of a stored (status, archived, queue non-empty).
+fn classify(status: &str, archived: bool, queued: bool) -> ExecutionState {
+    ExecutionState::classify(&ChatStatus::parse(status), archived, queued)
+}
+
+impl Store for PgStore {
+    type Tx = PgTx;
+
+    async fn begin_update(
+        &self,
+        chat: ChatId,
+        options: &Options,
+    ) -> Result<Option<(PgTx, Snapshot)>, StoreError> {
+        self.open(Opening::Update, chat, options).await
+    }
+
+    async fn begin_locked(
+        &self,
+        chat: ChatId,
+        mode: LockMode,
+        options: &Options,
+    ) -> Result<Option<(PgTx, Snapshot)>, StoreError> {
+        let opening = match mode {
+            LockMode::Exclusive => Opening::Exclusive,
+            LockMode::Shared => Opening::Shared,
+        };
+        self.open(opening, chat, options).await
+    }
+
+    async fn create_chat(
+        &self,
+        row: &ChatRow,
+        metadata: &ChatMetadata,
+        messages: &[NewMessage],
+        notify: &[Notification],
+    ) -> Result<CreateOutcome, StoreError> {
+        const CONTEXT: &str = "create chat";
+        let mut channels = Vec::with_capacity(notify.len());
+        let mut payloads = Vec::with_capacity(notify.len());
+        for n in notify {
+            // The same checks as an Update's commit, before anything is sent.
+            tx::notify_statements(std::slice::from_ref(n))
+                .map_err(|fault| fault.into_store(CONTEXT))?;
+            channels.push(n.channel());
+            payloads.push(String::from_utf8(n.payload()).expect("notify_statements checked UTF-8"));
+        }
+        let messages =
+            serde_json::Value::Array(messages.iter().map(message_json).collect()).to_string();
+        let labels = jsonb::encode_text(&serde_json::json!(metadata.labels));
+        let tools = jsonb::encode_text(&serde_json::json!(row.dynamic_tools));
+        self.round_trips.tick();
+        let out = sqlx::query(sql::CREATE_CHAT)
+            .bind(row.id.0)
+            .bind(row.owner_id)
+            .bind(row.status.as_str())
+            .bind(row.archived)
+            .bind(row.owner.map(|o| o.worker_id.0))
+            .bind(row.owner.map(|o| o.runner_id.0))
+            .bind(row.last_error.as_ref().map(stored_json))
+            .bind(row.retry_state.as_ref().map(stored_json))
+            .bind(row.generation_attempt)
+            .bind(row.requires_action_deadline_at.map(|t| t.0))
+            .bind(row.compaction_requested_at.map(|t| t.0))
+            .bind(row.versions.snapshot)
+            .bind(row.versions.history)
+            .bind(row.versions.queue)
+            .bind(row.versions.retry_state)
+            .bind(tools)
+            .bind(row.last_model_config_id)
+            .bind(jsonb::encode_str(&metadata.title))
+            .bind(labels)
+            .bind(metadata.metadata.as_ref().map(stored_json))
+            .bind(messages)
+            .bind(row.versions.snapshot)
+            .bind(channels)
+            .bind(payloads)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| store_error(CONTEXT, e))?;
+        let created: i64 = get(&out, CONTEXT, "created")?;
+        if created == 1 {
+            let ids: Vec<i64> = get(&out, CONTEXT, "message_ids")?;
+            return Ok(CreateOutcome::Created(
+                ids.into_iter().map(MessageId).collect(),
+            ));
+        }
+        if let Some(status) = get::<Option<String>>(&out, CONTEXT, "status")? {
+            return Ok(CreateOutcome::AlreadyExists(classify(
+                &status,
+                get(&out, CONTEXT, "archived")?,
+                get(&out, CONTEXT, "queued")?,
+            )));
+        }
+        // The conflicting row was committed by a concurrent create after
+        // this statement's snapshot was taken: read it now.
+        self.round_trips.tick();
+        let existing = sqlx::query(sql::CHAT_STATE)
+            .bind(row.id.0)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| store_error(CONTEXT, e))?;
+        Ok(CreateOutcome::AlreadyExists(match existing {
+            Some(r) => classify(
+                &get::<String>(&r, CONTEXT, "status")?,
+                get(&r, CONTEXT, "archived")?,
+                get(&r, CONTEXT, "queued")?,
+            ),
+            // Created and deleted again in between; deletion is not ours.
+            None => ExecutionState::N,
+        }))
+    }
+
+    async fn heartbeat(&self, chat: ChatId, runner: RunnerId) -> Result<bool, StoreError> {
+        const CONTEXT: &str = "upsert heartbeat";
+        self.round_trips.tick();
+        match sqlx::query(sql::HEARTBEAT)
+            .bind(chat.0)
+            .bind(runner.0)
+            .execute(&self.pool)
+            .await
+        {
+            Ok(done) => Ok(done.rows_affected() == 1),
+            // The chat was deleted between the existence check and the
+            // foreign-key check: it does not exist.
+            Err(e) if is_foreign_key_violation(&e) => Ok(false),
+            Err(e) => Err(store_error(CONTEXT, e)),
+        }
+    }
+}
+
+impl TestControl for PgStore {
+    /// Postgres time cannot move, so every stored instant (heartbeats,
+    /// requires-action deadlines, compaction markers) moves back by `by`.
+    async fn advance_clock(&self, by: Duration) -> Result<(), StoreError> {
+        const CONTEXT: &str = "advance clock";
+        self.round_trips.tick();
+        sqlx::query(sql::ADVANCE_CLOCK)
+            .bind(micros(by))
+            .execute(&self.pool)
+            .await
+            .map_err(|e| store_error(CONTEXT, e))?;
+        Ok(())
+    }
+
+    async fn set_raw_state(
+        &self,
+        chat: ChatId,
+        status: &ChatStatus,
+        archived: bool,
+    ) -> Result<(), StoreError> {
+        const CONTEXT: &str = "set raw state";
+        self.round_trips.tick();
+        sqlx::query(sql::SET_RAW_STATE)
+            .bind(chat.0)
+            .bind(status.as_str())
+            .bind(archived)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| store_error(CONTEXT, e))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,608 @@
+//! The SQL this store sends, in one place.
+//!
+//! Timestamps cross the boundary as the model's microseconds since the
+//! epoch, converted in SQL and never by a client-side date library:
+//! `'epoch'::timestamptz + n * interval '1 microsecond'` one way and
+//! `(extract(epoch from ts) * 1000000)::bigint` (exact: `extract` returns
+//! numeric) the other.
+//!
+//! Statements with bind parameters have fixed texts, so sqlx prepares each
+//! once per connection and reuses it. The statements that open a
+//! transaction are simple queries instead (several statements in one
+//! message, one round trip), with the chat id and the staleness threshold
+//! inlined as literals: both are produced by this crate (a `Uuid`'s
+//! canonical text and an integer), never by a user.
+
+/// The chat row's columns, from `chats c`, in the order
+/// [`crate::decode::chat_row`] reads them.
+macro_rules! row_columns {
+    () => {
+        "c.id, c.owner_id, c.status, c.archived, c.worker_id, c.runner_id, \
+         c.last_error::text AS last_error, c.retry_state::text AS retry_state, \
+         c.generation_attempt, \
+         (extract(epoch FROM c.requires_action_deadline_at) * 1000000)::bigint \
+             AS requires_action_deadline_us, \
+         (extract(epoch FROM c.compaction_requested_at) * 1000000)::bigint \
+             AS compaction_requested_us, \
+         c.snapshot_version, c.history_version, c.queue_version, c.retry_state_version, \
+         c.dynamic_tools::text AS dynamic_tools, c.last_model_config_id"
+    };
+}
+
+/// The tool bookkeeping's input: the last active assistant message and
+/// every active tool message after it, as a JSON array of
+/// `{role, parts}` in id order (text). Parts are reduced in SQL to the
+/// fields the model's parser reads for tool calls and results (type, id,
+/// name, provider_executed), so arguments and outputs never cross the
+/// wire; `ToolState::observe` then folds them in Rust, so the rule stays
+/// the model's. Without any assistant message every active tool message
+/// counts, exactly as the fold over the whole history would.
+///
+/// `$chat` is the chat expression; `$bound_m` / `$bound_a` restrict the
+/// scanned messages (edit context: only those before the target).
+macro_rules! tool_tail {
+    ($chat:literal, $bound_m:literal, $bound_a:literal) => {
+        concat!(
+            "(SELECT coalesce(jsonb_agg(jsonb_build_object('role', t.role, 'parts', t.parts) \
+                 ORDER BY t.id), '[]'::jsonb)::text \
+              FROM (SELECT m.id, m.role, \
+                      (SELECT coalesce(jsonb_agg(jsonb_build_object( \
+                                  'type', p.e -> 'type', \
+                                  'tool_call_id', p.e -> 'tool_call_id', \
+                                  'tool_name', p.e -> 'tool_name', \
+                                  'provider_executed', p.e -> 'provider_executed') \
+                                ORDER BY p.o), '[]'::jsonb) \
+                         FROM jsonb_array_elements(CASE WHEN jsonb_typeof(m.content) = 'array' \
+                                                   THEN m.content ELSE '[]'::jsonb END) \
+                              WITH ORDINALITY AS p(e, o) \
+                        WHERE p.e ->> 'type' IN ('tool-call', 'tool-result')) AS parts \
+                    FROM chat_messages m \
+                   WHERE m.chat_id = ",
+            $chat,
+            " AND NOT m.deleted AND m.role IN ('assistant', 'tool') ",
+            $bound_m,
+            " AND m.id >= coalesce((SELECT a.id FROM chat_messages a \
+                                    WHERE a.chat_id = ",
+            $chat,
+            " AND a.role = 'assistant' AND NOT a.deleted ",
+            $bound_a,
+            " ORDER BY a.id DESC LIMIT 1), 0)) AS t)"
+        )
+    };
+}
+
+/// Everything a transition sees of a chat, read after the row lock is
+/// held: the row, the queue ids in order, the lease freshness, store time
+/// and the tool bookkeeping. `$1` chat, `$2` staleness threshold (µs).
+///
+/// It is a statement of its own, after the lock statement, on purpose:
+/// under READ COMMITTED a statement that had to wait for the row lock
+/// re-reads only the locked row at its newest version, while any subquery
+/// keeps the snapshot taken before the wait. Reading the queue and the
+/// history in the lock statement would return what the previous lock
+/// holder saw, not what it committed.
+macro_rules! include_snapshot_select {
+    () => {
+        concat!(
+            "SELECT ",
+            row_columns!(),
+            ", coalesce((SELECT array_agg(q.id ORDER BY q.position, q.id) \
+                  FROM chat_queued_messages q WHERE q.chat_id = c.id), '{}') AS queue, \
+       (c.worker_id IS NOT NULL AND c.runner_id IS NOT NULL AND EXISTS ( \
+           SELECT 1 FROM chat_heartbeats h \
+            WHERE h.chat_id = c.id AND h.runner_id = c.runner_id \
+              AND h.heartbeat_at > now() - interval '1 microsecond' * $2)) AS lease_fresh, \
+       (extract(epoch FROM now()) * 1000000)::bigint AS now_us, ",
+            tool_tail!("c.id", "", ""),
+            " AS tools FROM chats c WHERE c.id = $1"
+        )
+    };
+}
+
+/// The session-level prepared statements the openings execute, by name.
+///
+/// A transaction opens with one simple-query message (`BEGIN` and the
+/// statements after it), and a simple query cannot carry bind parameters.
+/// Sending the snapshot select as text would make the server plan it on
+/// every Update, which costs more than executing it; `EXECUTE` of a
+/// statement prepared once per session reuses the plan.
+pub(crate) const PREPARED: [(&str, &str); 4] = [
+    (
+        "chatstate_bump",
+        "(uuid) AS UPDATE chats SET snapshot_version = snapshot_version + 1 WHERE id = $1",
+    ),
+    (
+        "chatstate_lock_exclusive",
+        "(uuid) AS SELECT FROM chats WHERE id = $1 FOR NO KEY UPDATE",
+    ),
+    (
+        "chatstate_lock_shared",
+        "(uuid) AS SELECT FROM chats WHERE id = $1 FOR SHARE",
+    ),
+    (
+        "chatstate_snapshot",
+        concat!("(uuid, bigint) AS ", include_snapshot_select!()),
+    ),
+];
+
+/// The names of [`PREPARED`] that exist in this session.
+pub(crate) const PREPARED_NAMES: &str =
+    "SELECT name FROM pg_prepared_statements WHERE name LIKE 'chatstate\\_%'";
+
+/// `PREPARE` statements for those of [`PREPARED`] not in `existing`.
+pub(crate) fn prepare_missing(existing: &[String]) -> String {
+    let mut out = String::new();
+    for (name, body) in PREPARED {
+        if !existing.iter().any(|e| e == name) {
+            out.push_str("PREPARE ");
+            out.push_str(name);
+            out.push(' ');
+            out.push_str(body);
+            out.push_str("; ");
+        }
+    }
+    out
+}
+
+/// How a transaction starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Opening {
+    /// `BEGIN`, bump (exclusive row lock, FOR NO KEY UPDATE), snapshot.
+    Update,
+    /// Bump and snapshot inside an open transaction (nested Update).
+    Nested,
+    /// `BEGIN`, FOR NO KEY UPDATE, snapshot.
+    Exclusive,
+    /// `BEGIN`, FOR SHARE, snapshot.
+    Shared,
+}
+
+/// The simple query that opens a transaction (or a nested Update) on a
+/// chat: one message, one round trip. The lock statement returns no
+/// columns, so the only row with columns is the snapshot's.
+///
+/// An UPDATE that changes no key column takes a FOR NO KEY UPDATE row
+/// lock. It conflicts with FOR SHARE (ReadLock) and with itself (Update,
+/// Lock), but not with the FOR KEY SHARE lock that a foreign-key check
+/// takes, so heartbeat upserts never wait for an open Update.
+pub(crate) fn opening(opening: Opening, chat: uuid::Uuid, stale_us: i64) -> String {
+    let lock = match opening {
+        Opening::Update => "BEGIN; EXECUTE chatstate_bump",
+        Opening::Nested => "EXECUTE chatstate_bump",
+        Opening::Exclusive => "BEGIN; EXECUTE chatstate_lock_exclusive",
+        Opening::Shared => "BEGIN; EXECUTE chatstate_lock_shared",
+    };
+    let chat = chat.hyphenated();
+    format!("{lock}('{chat}'::uuid); EXECUTE chatstate_snapshot('{chat}'::uuid, {stale_us})")
+}
+
+/// What EditMessage needs: the target (if active and in this chat), the
+/// active ids from it on, and the tool bookkeeping before it.
+/// `$1` chat, `$2` message id.
+pub(crate) const EDIT_CONTEXT: &str = concat!(
+    "SELECT t.role, t.visibility, t.model_config_id, \
+       coalesce((SELECT array_agg(m.id ORDER BY m.id) FROM chat_messages m \
+                  WHERE m.chat_id = $1 AND NOT m.deleted AND m.id >= $2), '{}') AS from_target, ",
+    tool_tail!("$1", "AND m.id < $2", "AND a.id < $2"),
+    " AS tools \
+     FROM (SELECT 1) AS one \
+     LEFT JOIN chat_messages t ON t.id = $2 AND t.chat_id = $1 AND NOT t.deleted"
+);
+
+/// The head of the message insert (the `inserted` CTE).
+macro_rules! insert_messages {
+    () => {
+        "inserted AS (
+    INSERT INTO chat_messages
+        (chat_id, role, content, visibility, model_config_id, created_by, queued_message_id, revision)
+    SELECT $1, n.role, n.content, n.visibility, n.model_config_id, n.created_by, n.queued_message_id, $2
+      FROM ("
+    };
+}
+
+/// The plan's messages, from the JSON array `$9`, with their ordinality.
+macro_rules! plan_messages {
+    () => {
+        "SELECT m.o AS ord, m.v ->> 'role' AS role, m.v -> 'content' AS content,
+                   m.v ->> 'visibility' AS visibility,
+                   (m.v ->> 'model_config_id')::uuid AS model_config_id,
+                   (m.v ->> 'created_by')::uuid AS created_by,
+                   NULL::bigint AS queued_message_id
+              FROM jsonb_array_elements($9::text::jsonb) WITH ORDINALITY AS m(v, o)"
+    };
+}
+
+/// The promoted queued row as a user message, ordered after every plan
+/// message: content and creator copied, its model configuration or else
+/// the chat's last one.
+macro_rules! promoted_message {
+    () => {
+        "SELECT 9223372036854775807 AS ord, 'user' AS role, p.content, 'both' AS visibility,
+                   coalesce(p.model_config_id, c.last_model_config_id) AS model_config_id,
+                   p.created_by, p.id AS queued_message_id
+              FROM promoted p CROSS JOIN chats c WHERE c.id = $1"
+    };
+}
+
+/// Which parts of [`apply`] a plan needs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Shape {
+    /// Soft deletes.
+    pub(crate) soft: bool,
+    /// A queue reorder.
+    pub(crate) reorder: bool,
+    /// Queued rows to delete (the promoted one included).
+    pub(crate) dequeue: bool,
+    /// A queued row to append.
+    pub(crate) enqueue: bool,
+    /// Messages to insert.
+    pub(crate) messages: bool,
+    /// A queued row to promote.
+    pub(crate) promote: bool,
+    /// A heartbeat upsert.
+    pub(crate) beat: bool,
+    /// A row write.
+    pub(crate) row: bool,
+}
+
+impl Shape {
+    /// Every shape, by index (for tests).
+    #[cfg(test)]
+    pub(crate) fn all() -> impl Iterator<Item = Shape> {
+        (0..256usize).map(|i| {
+            let bit = |b: usize| i & (1 << b) != 0;
+            Shape {
+                soft: bit(0),
+                reorder: bit(1),
+                dequeue: bit(2),
+                enqueue: bit(3),
+                messages: bit(4),
+                promote: bit(5),
+                beat: bit(6),
+                row: bit(7),
+            }
+        })
+    }
+
+    fn index(self) -> usize {
+        [
+            self.soft,
+            self.reorder,
+            self.dequeue,
+            self.enqueue,
+            self.messages,
+            self.promote,
+            self.beat,
+            self.row,
+        ]
+        .iter()
+        .enumerate()
+        .map(|(bit, on)| usize::from(*on) << bit)
+        .sum()
+    }
+}
+
+/// The statement that writes a plan of `shape`: one statement whatever
+/// the plan holds, made of the parts the plan needs. Its text depends on
+/// the shape only (a few dozen shapes at most), so each is prepared once
+/// per connection and reused; leaving out the parts a plan does not need
+/// keeps the server from running empty scans and inserts on every Update.
+///
+/// Every data-modifying CTE sees the same snapshot (the one before the
+/// statement), so each part names its rows by the plan's ids, not by what
+/// another part wrote:
+///
+/// - `soft`: soft deletes, stamped with the plan's revision;
+/// - `reorder`: the reorder-to-head target gets the chat's minimum
+///   position minus one (never a row this plan also deletes);
+/// - `dequeue`: deleted queued rows and the promoted one;
+/// - `enqueue`: the appended queued row (its position comes from the
+///   global sequence, so it is the tail);
+/// - `inserted`: the plan's messages in plan order, then the promoted row
+///   as a user message, in ONE insert ordered by ordinality so the ids
+///   follow that order (two inserts in one statement would run in no
+///   defined order);
+/// - `beat`: the heartbeat upsert at store time;
+/// - `row_write`: every execution-state column of the plan's row.
+///
+/// The final select returns the row counts, which the caller checks
+/// against the plan.
+///
+/// Parameters (the same for every shape; a shape may leave some unused):
+/// `$1` chat, `$2` revision, `$3` soft deletes, `$4` reorder target, `$5`
+/// queued deletes, `$6` appended content (JSON text), `$7` its model
+/// config, `$8` its creator, `$9` messages (JSON array), `$10` promoted
+/// queued id, `$11` heartbeat runner, `$12..$24` the row's status,
+/// archived, worker, runner, last_error, retry_state, generation_attempt,
+/// deadline (µs), compaction marker (µs), snapshot, history, queue and
+/// retry-state versions.
+pub(crate) fn apply(shape: Shape) -> &'static str {
+    static TEXTS: [std::sync::OnceLock<String>; 256] = [const { std::sync::OnceLock::new() }; 256];
+    TEXTS[shape.index()].get_or_init(|| apply_text(shape))
+}
+
+fn apply_text(shape: Shape) -> String {
+    let mut ctes: Vec<&str> = Vec::new();
+    let mut cols: Vec<&str> = Vec::new();
+    let mut part = |on: bool, cte: &'static str, col: &'static str, off: &'static str| {
+        if on {
+            ctes.push(cte);
+            cols.push(col);
+        } else {
+            cols.push(off);
+        }
+    };
+    part(
+        shape.soft,
+        "soft AS (
+    UPDATE chat_messages SET deleted = true, revision = $2
+     WHERE chat_id = $1 AND id = ANY($3::bigint[]) AND NOT deleted
+    RETURNING id)",
+        "(SELECT count(*) FROM soft) AS soft_deleted",
+        "0::bigint AS soft_deleted",
+    );
+    part(
+        shape.reorder,
+        "reorder AS (
+    UPDATE chat_queued_messages
+       SET position = (SELECT min(q.position) FROM chat_queued_messages q WHERE q.chat_id = $1) - 1
+     WHERE chat_id = $1 AND id = $4::bigint
+       AND NOT (id = ANY($5::bigint[])) AND id IS DISTINCT FROM $10::bigint
+    RETURNING id)",
+        "(SELECT count(*) FROM reorder) AS reordered",
+        "0::bigint AS reordered",
+    );
+    part(
+        shape.promote,
+        "promoted AS (
+    SELECT q.id, q.content, q.model_config_id, q.created_by
+      FROM chat_queued_messages q WHERE q.chat_id = $1 AND q.id = $10::bigint)",
+        "",
+        "",
+    );
+    part(
+        shape.dequeue,
+        "dequeue AS (
+    DELETE FROM chat_queued_messages
+     WHERE chat_id = $1 AND (id = ANY($5::bigint[]) OR id = $10::bigint)
+    RETURNING id)",
+        "(SELECT count(*) FROM dequeue) AS dequeued",
+        "0::bigint AS dequeued",
+    );
+    part(
+        shape.enqueue,
+        "enqueue AS (
+    INSERT INTO chat_queued_messages (chat_id, content, model_config_id, created_by)
+    VALUES ($1, $6::text::jsonb, $7::uuid, $8::uuid)
+    RETURNING id)",
+        "(SELECT id FROM enqueue) AS queued_id",
+        "NULL::bigint AS queued_id",
+    );
+    let inserted = match (shape.messages, shape.promote) {
+        (false, false) => None,
+        (true, false) => Some(concat!(
+            insert_messages!(),
+            plan_messages!(),
+            ") AS n ORDER BY n.ord RETURNING id)"
+        )),
+        (false, true) => Some(concat!(
+            insert_messages!(),
+            promoted_message!(),
+            ") AS n RETURNING id)"
+        )),
+        (true, true) => Some(concat!(
+            insert_messages!(),
+            plan_messages!(),
+            " UNION ALL ",
+            promoted_message!(),
+            ") AS n ORDER BY n.ord RETURNING id)"
+        )),
+    };
+    part(
+        inserted.is_some(),
+        inserted.unwrap_or_default(),
+        "coalesce((SELECT array_agg(id ORDER BY id) FROM inserted), '{}') AS message_ids",
+        "'{}'::bigint[] AS message_ids",
+    );
+    part(
+        shape.beat,
+        "beat AS (
+    INSERT INTO chat_heartbeats (chat_id, runner_id, heartbeat_at)
+    VALUES ($1, $11::uuid, now())
+    ON CONFLICT (chat_id, runner_id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at
+    RETURNING 1)",
+        "(SELECT count(*) FROM beat) AS beats",
+        "0::bigint AS beats",
+    );
+    part(
+        shape.row,
+        "row_write AS (
+    UPDATE chats SET
+        status = $12, archived = $13, worker_id = $14, runner_id = $15,
+        last_error = $16::text::jsonb, retry_state = $17::text::jsonb, generation_attempt = $18,
+        requires_action_deadline_at = 'epoch'::timestamptz + $19::bigint * interval '1 microsecond',
+        compaction_requested_at = 'epoch'::timestamptz + $20::bigint * interval '1 microsecond',
+        snapshot_version = $21, history_version = $22, queue_version = $23,
+        retry_state_version = $24, updated_at = now()
+     WHERE id = $1
+    RETURNING 1)",
+        "(SELECT count(*) FROM row_write) AS rows_written",
+        "0::bigint AS rows_written",
+    );
+    let cols: Vec<&str> = cols.into_iter().filter(|c| !c.is_empty()).collect();
+    format!("WITH {} SELECT {}", ctes.join(", "), cols.join(", "))
+}
+
+/// Creates a chat with its initial history and metadata in one statement
+/// (autocommit: one round trip). `ON CONFLICT DO NOTHING` detects an
+/// existing chat, whose state the same statement reads; the in-transaction
+/// notifications are sent only when the row was created, and Postgres
+/// delivers them with the statement's commit.
+///
+/// Parameters: `$1` id, `$2` owner, `$3..$15` status, archived, worker,
+/// runner, last_error, retry_state, generation_attempt, deadline (µs),
+/// compaction marker (µs), snapshot, history, queue and retry-state
+/// versions, `$16` dynamic tools (JSON), `$17` last model config, `$18`
+/// title, `$19` labels (JSON), `$20` metadata (JSON), `$21` messages (JSON
+/// array), `$22` revision, `$23` channels, `$24` payloads.
+pub(crate) const CREATE_CHAT: &str = "\
+WITH new_chat AS (
+    INSERT INTO chats (id, owner_id, status, archived, worker_id, runner_id, last_error, retry_state,
+                       generation_attempt, requires_action_deadline_at, compaction_requested_at,
+                       snapshot_version, history_version, queue_version, retry_state_version,
+                       dynamic_tools, last_model_config_id, title, labels, metadata)
+    VALUES ($1, $2, $3, $4, $5, $6, $7::text::jsonb, $8::text::jsonb, $9,
+            'epoch'::timestamptz + $10::bigint * interval '1 microsecond',
+            'epoch'::timestamptz + $11::bigint * interval '1 microsecond',
+            $12, $13, $14, $15, $16::text::jsonb, $17, $18, $19::text::jsonb, $20::text::jsonb)
+    ON CONFLICT (id) DO NOTHING
+    RETURNING id
+), new_messages AS (
+    INSERT INTO chat_messages (chat_id, role, content, visibility, model_config_id, created_by, revision)
+    SELECT n.id, m.v ->> 'role', m.v -> 'content', m.v ->> 'visibility',
+           (m.v ->> 'model_config_id')::uuid, (m.v ->> 'created_by')::uuid, $22
+      FROM new_chat n CROSS JOIN jsonb_array_elements($21::text::jsonb) WITH ORDINALITY AS m(v, o)
+     ORDER BY m.o
+    RETURNING id
+), existing AS (
+    SELECT c.status, c.archived,
+           EXISTS (SELECT 1 FROM chat_queued_messages q WHERE q.chat_id = c.id) AS queued
+      FROM chats c WHERE c.id = $1
+)
+SELECT (SELECT count(*) FROM new_chat) AS created,
+       coalesce((SELECT array_agg(id ORDER BY id) FROM new_messages), '{}') AS message_ids,
+       (SELECT count(pg_notify(n.channel, n.payload)::text)
+          FROM (SELECT u.channel, u.payload
+                  FROM unnest($23::text[], $24::text[]) WITH ORDINALITY AS u(channel, payload, o)
+                 WHERE EXISTS (SELECT 1 FROM new_chat)
+                 ORDER BY u.o) AS n) AS notified,
+       e.status, e.archived, e.queued
+  FROM (SELECT 1) AS one LEFT JOIN existing e ON true";
+
+/// The state of an existing chat (for a create that lost a race).
+pub(crate) const CHAT_STATE: &str = "\
+SELECT c.status, c.archived,
+       EXISTS (SELECT 1 FROM chat_queued_messages q WHERE q.chat_id = c.id) AS queued
+  FROM chats c WHERE c.id = $1";
+
+/// The row and its metadata. `$1` chat.
+pub(crate) const LOAD_ROW: &str = concat!(
+    "SELECT ",
+    row_columns!(),
+    ", c.title, c.labels::text AS labels, c.metadata::text AS metadata \
+     FROM chats c WHERE c.id = $1"
+);
+
+/// The queue, head first. `$1` chat.
+pub(crate) const LOAD_QUEUE: &str = "\
+SELECT id, content::text AS content, model_config_id, created_by
+  FROM chat_queued_messages WHERE chat_id = $1 ORDER BY position, id";
+
+/// Every message, soft-deleted ones included, in id order. `$1` chat.
+pub(crate) const LOAD_HISTORY: &str = "\
+SELECT id, role, content::text AS content, visibility, model_config_id, created_by,
+       queued_message_id, deleted, revision
+  FROM chat_messages WHERE chat_id = $1 ORDER BY id";
+
+/// Metadata only; `NULL` leaves a field. `$1` chat, `$2` title, `$3`
+/// labels (JSON), `$4` write metadata?, `$5` metadata (JSON).
+pub(crate) const WRITE_METADATA: &str = "\
+UPDATE chats SET title = coalesce($2, title),
+                 labels = coalesce($3::text::jsonb, labels),
+                 metadata = CASE WHEN $4 THEN $5::text::jsonb ELSE metadata END
+ WHERE id = $1";
+
+/// Heartbeat upsert at store time, only for an existing chat. `$1` chat,
+/// `$2` runner. The foreign-key check takes FOR KEY SHARE on the chat row,
+/// which does not conflict with an Update's FOR NO KEY UPDATE.
+pub(crate) const HEARTBEAT: &str = "\
+INSERT INTO chat_heartbeats (chat_id, runner_id, heartbeat_at)
+SELECT c.id, $2, now() FROM chats c WHERE c.id = $1
+ON CONFLICT (chat_id, runner_id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at";
+
+/// Ages every stored instant by `$1` microseconds (TestControl: store
+/// time cannot move, so the data moves the other way).
+pub(crate) const ADVANCE_CLOCK: &str = "\
+WITH beats AS (
+    UPDATE chat_heartbeats SET heartbeat_at = heartbeat_at - $1::bigint * interval '1 microsecond'
+    RETURNING 1
+)
+UPDATE chats
+   SET requires_action_deadline_at =
+           requires_action_deadline_at - $1::bigint * interval '1 microsecond',
+       compaction_requested_at = compaction_requested_at - $1::bigint * interval '1 microsecond'
+ WHERE requires_action_deadline_at IS NOT NULL OR compaction_requested_at IS NOT NULL";
+
+/// Writes status and archived directly (TestControl). `$1` chat, `$2`
+/// status, `$3` archived.
+pub(crate) const SET_RAW_STATE: &str = "UPDATE chats SET status = $2, archived = $3 WHERE id = $1";
+
+/// Backends of this database waiting for a lock.
+pub(crate) const LOCK_WAITERS: &str = "\
+SELECT count(*) FROM pg_stat_activity
+ WHERE datname = current_database() AND wait_event_type = 'Lock'";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn opening_inlines_only_our_literals() {
+        let id = uuid::Uuid::nil();
+        let nil = "'00000000-0000-0000-0000-000000000000'::uuid";
+        assert_eq!(
+            opening(Opening::Update, id, 30_000_000),
+            format!(
+                "BEGIN; EXECUTE chatstate_bump({nil}); \
+                 EXECUTE chatstate_snapshot({nil}, 30000000)"
+            )
+        );
+        assert!(opening(Opening::Nested, id, 1).starts_with("EXECUTE chatstate_bump("));
+        assert!(opening(Opening::Shared, id, 1).contains("chatstate_lock_shared"));
+        assert!(opening(Opening::Exclusive, id, 1).contains("chatstate_lock_exclusive"));
+    }
+
+    #[test]
+    fn prepares_only_what_is_missing() {
+        let all = prepare_missing(&[]);
+        assert_eq!(all.matches("PREPARE ").count(), PREPARED.len());
+        assert!(all.contains("PREPARE chatstate_snapshot (uuid, bigint) AS SELECT c.id"));
+        let some = prepare_missing(&["chatstate_bump".to_owned()]);
+        assert!(!some.contains("chatstate_bump"));
+        assert_eq!(some.matches("PREPARE ").count(), PREPARED.len() - 1);
+    }
+
+    #[test]
+    fn shapes_index_uniquely() {
+        let mut seen = std::collections::BTreeSet::new();
+        for shape in Shape::all() {
+            assert!(seen.insert(shape.index()));
+        }
+        assert_eq!(seen.len(), 256);
+    }
+
+    /// Every shape's statement parses and type-checks on the server, with
+    /// the parameter types the store binds.
+    #[tokio::test]
+    async fn every_apply_shape_prepares() {
+        use sqlx::{AssertSqlSafe, Connection};
+        let cluster = crate::throwaway::Cluster::shared().unwrap_or_else(|e| panic!("{e}"));
+        let name = cluster
+            .create_database()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut conn = sqlx::PgConnection::connect_with(&cluster.connect_options(&name))
+            .await
+            .unwrap();
+        const TYPES: &str = "uuid, bigint, bigint[], bigint, bigint[], text, uuid, uuid, text, \
+                             bigint, uuid, text, bool, uuid, uuid, text, text, bigint, bigint, \
+                             bigint, bigint, bigint, bigint, bigint";
+        for shape in Shape::all().filter(|s| *s != Shape::default()) {
+            let text = format!("PREPARE s({TYPES}) AS {}; DEALLOCATE s", apply(shape));
+            sqlx::raw_sql(AssertSqlSafe(text))
+                .execute(&mut conn)
+                .await
+                .unwrap_or_else(|e| panic!("{shape:?}: {e}"));
+        }
+    }
+}

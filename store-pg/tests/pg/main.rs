@@ -1,0 +1,13 @@
+//! Integration tests of the PostgreSQL store. Each test gets its own
+//! database on a throwaway cluster this binary starts itself (or on
+//! `DATABASE_URL`); without either, every test fails with an error naming
+//! both remedies.
+
+mod common;
+mod faults;
+mod locking;
+mod misc;
+mod notify;
+mod round_trips;
+mod schema;
+mod versions;
