@@ -104,21 +104,28 @@ pub const LEGACY_STATUSES: [&str; 3] = ["pending", "paused", "completed"];
 /// Applies the embedded migrations (`store-pg/migrations/`) that are not
 /// applied yet.
 pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
-    migrate_with(pool).await
+    let mut conn = pool
+        .acquire()
+        .await
+        .map_err(|e| store_error("migrate", e))?;
+    migrate_with(&mut conn).await
 }
 
-/// Applies the migrations through anything that yields a connection.
-pub(crate) async fn migrate_with<'a, A>(conn: A) -> Result<(), StoreError>
-where
-    A: sqlx::Acquire<'a, Database = sqlx::Postgres>,
-    <A::Connection as std::ops::Deref>::Target: sqlx::migrate::Migrate,
-{
+/// Applies the migrations on one connection.
+///
+/// It calls the migrator on a concrete connection type: the generic
+/// `Migrator::run` over `Acquire` makes the returned future impossible to
+/// prove `Send` in callers that need it (a known sqlx limitation).
+pub(crate) async fn migrate_with(conn: &mut sqlx::PgConnection) -> Result<(), StoreError> {
     const CONTEXT: &str = "migrate";
-    MIGRATOR.run(conn).await.map_err(|e| match e {
-        sqlx::migrate::MigrateError::Execute(e) => store_error(CONTEXT, e),
-        sqlx::migrate::MigrateError::ExecuteMigration(e, _) => store_error(CONTEXT, e),
-        other => StoreError::new(CONTEXT, StoreErrorKind::Other, other),
-    })
+    MIGRATOR
+        .run_direct(None, conn, false)
+        .await
+        .map_err(|e| match e {
+            sqlx::migrate::MigrateError::Execute(e) => store_error(CONTEXT, e),
+            sqlx::migrate::MigrateError::ExecuteMigration(e, _) => store_error(CONTEXT, e),
+            other => StoreError::new(CONTEXT, StoreErrorKind::Other, other),
+        })
 }
 
 /// Pool options suited to this store: every new connection prepares the
