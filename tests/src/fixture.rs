@@ -5,8 +5,8 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use chatstate::{
-    BusyBehavior, ChatMachine, ChatRecord, CreateChat, Error, Notify, RecordingPublisher,
-    Store, TestControl, create_chat,
+    BusyBehavior, ChatMachine, ChatRecord, CreateChat, Error, Notify, RecordingPublisher, Store,
+    TestControl, create_chat,
 };
 use chatstate_model::{
     ChatId, ChatStatus, ExecutionState, JsonText, MessageId, NewMessage, Notification, Options,
@@ -203,9 +203,7 @@ impl<S: Store + TestControl> Fx<S> {
                 Enter => tx.enter_requires_action().await?,
                 Interrupt => tx.interrupt(None).await?,
                 FinishTurn => tx.finish_turn().await?,
-                FinishError => {
-                    tx.finish_error(Some(JsonText::string("boom"))).await?
-                }
+                FinishError => tx.finish_error(Some(JsonText::string("boom"))).await?,
                 Archive => tx.set_archived(true).await?,
                 Raw(..) => unreachable!("handled above"),
             };
@@ -294,9 +292,7 @@ pub fn candidates(
             .queue
             .first()
             .map(|id| vec![Input::DeleteQueuedMessage { id: *id }])
-            .unwrap_or_else(|| {
-                vec![Input::DeleteQueuedMessage { id: unknown_queued }]
-            }),
+            .unwrap_or_else(|| vec![Input::DeleteQueuedMessage { id: unknown_queued }]),
         T::PromoteQueuedMessage => {
             let mut ids: Vec<QueuedMessageId> = facts.queue.clone();
             ids.dedup();

@@ -8,19 +8,19 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use chatstate::{
-    BusyBehavior, ChatMachine, CreateChat, Error, MetadataPatch, Notify, RecordingPublisher,
-    Store, TestControl, create_chat,
+    BusyBehavior, ChatMachine, CreateChat, Error, MetadataPatch, Notify, Store, TestControl,
+    create_chat,
 };
 use chatstate_model::{
-    ChatId, ExecutionState, Input, JsonText, Matrix, MessageId, NewMessage, Notification,
-    Owner, Part, RejectionKind, Role, RunnerId, ToolResultInput, Transition, WorkerId,
-    cancel_reasons, reasons,
+    ChatId, ExecutionState, Input, JsonText, Matrix, MessageId, NewMessage, Notification, Owner,
+    Part, RejectionKind, Role, RunnerId, ToolResultInput, Transition, WorkerId, cancel_reasons,
+    reasons,
 };
 
 use crate::Backend;
 use crate::fixture::{
-    DYNAMIC_TOOL, Facts, Fx, SERVER_TOOL, Setup, SetupStep, apply_one, assistant_call,
-    candidates, setups,
+    DYNAMIC_TOOL, Facts, Fx, SERVER_TOOL, Setup, SetupStep, apply_one, assistant_call, candidates,
+    setups,
 };
 
 /// Instantiates every suite test as a `#[tokio::test]` for a backend
@@ -88,7 +88,11 @@ pub async fn matrix_triples_land_in_their_cells<B: Backend>(b: &B) {
     // CreateChat: N -> R0.
     let m = fx.create().await;
     assert_eq!(m.load().await.unwrap().state(), ExecutionState::R0);
-    reached.insert((Transition::CreateChat, ExecutionState::N, ExecutionState::R0));
+    reached.insert((
+        Transition::CreateChat,
+        ExecutionState::N,
+        ExecutionState::R0,
+    ));
     for setup in setups() {
         for t in Matrix::REFERENCE.transitions_from(setup.state) {
             let probe = fx.reach(&setup).await;
@@ -258,7 +262,10 @@ pub async fn create_chat_postconditions<B: Backend>(b: &B) {
     let rec = m.load().await.unwrap();
     assert_eq!(rec.state(), ExecutionState::R0);
     let v = rec.row.versions;
-    assert_eq!((v.snapshot, v.history, v.queue, v.retry_state), (1, 1, 0, 0));
+    assert_eq!(
+        (v.snapshot, v.history, v.queue, v.retry_state),
+        (1, 1, 0, 0)
+    );
     assert_eq!(rec.row.generation_attempt, 0);
     assert_eq!(rec.history.len(), 1);
     assert_eq!(rec.history[0].revision, 1);
@@ -284,7 +291,10 @@ pub async fn create_chat_rejects_empty_history_and_duplicate_ids<B: Backend>(b: 
         .await
         .unwrap_err();
     let r = err.rejection().expect("rejection");
-    assert_eq!((r.transition, r.from), (Transition::CreateChat, ExecutionState::N));
+    assert_eq!(
+        (r.transition, r.from),
+        (Transition::CreateChat, ExecutionState::N)
+    );
     assert_eq!(
         r.kind,
         RejectionKind::TransitionNotAllowed {
@@ -326,7 +336,11 @@ pub async fn concurrent_updates_serialise<B: Backend>(b: &B) {
     for t in tasks {
         seen.insert(t.await.unwrap().unwrap());
     }
-    assert_eq!(seen, (2..=N + 1).collect::<BTreeSet<_>>(), "each bump distinct");
+    assert_eq!(
+        seen,
+        (2..=N + 1).collect::<BTreeSet<_>>(),
+        "each bump distinct"
+    );
     assert_eq!(m.load().await.unwrap().row.versions.snapshot, 1 + N);
 }
 
@@ -349,6 +363,7 @@ pub async fn lock_blocks_update_until_it_ends<B: Backend>(b: &B) {
     let fx = fixture(b).await;
     let m = fx.create().await;
     let entered = Arc::new(AtomicBool::new(false));
+    let mut waiting = None;
     m.lock(async |_locked| {
         let (m2, entered2) = (m.clone(), entered.clone());
         let upd = tokio::spawn(async move {
@@ -360,21 +375,15 @@ pub async fn lock_blocks_update_until_it_ends<B: Backend>(b: &B) {
         });
         wait_for_waiters(b, &fx.store, 1).await;
         assert!(!entered.load(Ordering::SeqCst), "update ran under a Lock");
-        // The spawned update finishes after this Lock returns.
-        tokio::spawn(async move { upd.await.unwrap().unwrap() });
+        waiting = Some(upd);
         Ok(())
     })
     .await
     .unwrap();
-    // Take the lock again: it is granted only after the update committed.
-    m.lock(async |_| Ok(())).await.unwrap();
-    for _ in 0..100_000 {
-        if entered.load(Ordering::SeqCst) {
-            break;
-        }
-        tokio::task::yield_now().await;
-    }
+    // Once the Lock has ended, the waiting update gets the row and commits.
+    waiting.unwrap().await.unwrap().unwrap();
     assert!(entered.load(Ordering::SeqCst));
+    assert_eq!(m.load().await.unwrap().row.versions.snapshot, 2);
 }
 
 /// ReadLocks coexist with ReadLocks and exclude Updates.
@@ -382,6 +391,7 @@ pub async fn read_locks_share_and_exclude_updates<B: Backend>(b: &B) {
     let fx = fixture(b).await;
     let m = fx.create().await;
     let entered = Arc::new(AtomicBool::new(false));
+    let mut waiting = None;
     m.read_lock(async |_r1| {
         // A second ReadLock is granted while the first is held.
         let state = m.read_lock(async |r2| Ok(r2.state())).await?;
@@ -395,13 +405,17 @@ pub async fn read_locks_share_and_exclude_updates<B: Backend>(b: &B) {
             .await
         });
         wait_for_waiters(b, &fx.store, 1).await;
-        assert!(!entered.load(Ordering::SeqCst), "update ran under a ReadLock");
-        tokio::spawn(async move { upd.await.unwrap().unwrap() });
+        assert!(
+            !entered.load(Ordering::SeqCst),
+            "update ran under a ReadLock"
+        );
+        waiting = Some(upd);
         Ok(())
     })
     .await
     .unwrap();
-    m.lock(async |_| Ok(())).await.unwrap();
+    waiting.unwrap().await.unwrap().unwrap();
+    assert!(entered.load(Ordering::SeqCst));
     assert_eq!(m.load().await.unwrap().row.versions.snapshot, 2);
 }
 
@@ -419,7 +433,9 @@ pub async fn lock_and_read_lock_never_bump_or_publish<B: Backend>(b: &B) {
     })
     .await
     .unwrap();
-    m.read_lock(async |r| r.load().await.map(|_| ())).await.unwrap();
+    m.read_lock(async |r| r.load().await.map(|_| ()))
+        .await
+        .unwrap();
     let rec = m.load().await.unwrap();
     assert_eq!(rec.row.versions.snapshot, 1);
     assert_eq!(rec.metadata.title, "locked");
@@ -443,7 +459,10 @@ pub async fn failing_bundle_rolls_back_everything<B: Backend>(b: &B) {
         .await
         .unwrap_err();
     let r = err.rejection().expect("rejection");
-    assert_eq!((r.transition, r.from), (Transition::FinishTurn, ExecutionState::W));
+    assert_eq!(
+        (r.transition, r.from),
+        (Transition::FinishTurn, ExecutionState::W)
+    );
     assert!(r.is_transition_not_allowed());
     assert_eq!(m.load().await.unwrap(), before);
     assert!(fx.publisher.published().is_empty());
@@ -500,7 +519,11 @@ pub async fn one_update_per_bundle<B: Backend>(b: &B) {
     assert_eq!(rec.state(), ExecutionState::R0);
     assert_eq!(rec.row.versions.snapshot, 2);
     let notes = fx.published_for(m.chat_id());
-    assert_eq!(notes.len(), 1, "one update, no hint (fresh lease): {notes:?}");
+    assert_eq!(
+        notes.len(),
+        1,
+        "one update, no hint (fresh lease): {notes:?}"
+    );
     fx.publisher.clear();
     m.update(async |_| Ok(())).await.unwrap();
     let notes = fx.published_for(m.chat_id());
@@ -602,7 +625,10 @@ pub async fn versions_and_revisions<B: Backend>(b: &B) {
     .await
     .unwrap();
     let v = m.load().await.unwrap().row.versions;
-    assert_eq!((v.snapshot, v.history, v.queue, v.retry_state), (2, 1, 2, 0));
+    assert_eq!(
+        (v.snapshot, v.history, v.queue, v.retry_state),
+        (2, 1, 2, 0)
+    );
     // snapshot 3: retry state and an attempt.
     m.update(async |tx| {
         tx.record_generation_attempt().await?;
@@ -613,7 +639,10 @@ pub async fn versions_and_revisions<B: Backend>(b: &B) {
     let rec = m.load().await.unwrap();
     assert_eq!(rec.row.generation_attempt, 1);
     assert_eq!(rec.row.versions.retry_state, 3);
-    assert_eq!(rec.row.retry_state, Some(JsonText::parse(r#"{"try":1}"#).unwrap()));
+    assert_eq!(
+        rec.row.retry_state,
+        Some(JsonText::parse(r#"{"try":1}"#).unwrap())
+    );
     // snapshot 4: the same retry payload again does not move the version.
     m.update(async |tx| tx.record_retry_state(r#"{ "try": 1 }"#).await)
         .await
@@ -628,7 +657,10 @@ pub async fn versions_and_revisions<B: Backend>(b: &B) {
     .unwrap();
     let rec = m.load().await.unwrap();
     let v = rec.row.versions;
-    assert_eq!((v.snapshot, v.history, v.queue, v.retry_state), (5, 5, 2, 5));
+    assert_eq!(
+        (v.snapshot, v.history, v.queue, v.retry_state),
+        (5, 5, 2, 5)
+    );
     assert_eq!(rec.row.generation_attempt, 0);
     assert_eq!(rec.row.retry_state, None);
     assert_eq!(rec.history.last().unwrap().revision, 5);
@@ -711,7 +743,10 @@ pub async fn tool_result_validation<B: Backend>(b: &B) {
             "ToolResultUnexpected",
         ),
         (vec![res("d1", "1"), res("d1", "1")], "ToolResultDuplicate"),
-        (vec![res("d1", "{"), res("d2", "2")], "ToolResultInvalidJson"),
+        (
+            vec![res("d1", "{"), res("d2", "2")],
+            "ToolResultInvalidJson",
+        ),
     ];
     fx.publisher.clear();
     for (results, want) in cases {
@@ -786,7 +821,10 @@ pub async fn edit_truncates_and_cancels<B: Backend>(b: &B) {
         .id;
     assert_eq!(rec.queue.len(), 1);
     let err = m
-        .update(async |tx| tx.edit_message(assistant, vec![Part::text("x")], None).await)
+        .update(async |tx| {
+            tx.edit_message(assistant, vec![Part::text("x")], None)
+                .await
+        })
         .await
         .unwrap_err();
     assert_eq!(err.rejection().unwrap().kind.name(), "EditedMessageNotUser");
@@ -817,7 +855,10 @@ pub async fn edit_truncates_and_cancels<B: Backend>(b: &B) {
     assert_eq!(out.to, ExecutionState::R0);
     assert_eq!(out.deleted_messages.first(), Some(&users[1]));
     assert_eq!(out.deleted_queued.len(), 1);
-    assert_eq!(out.cancellations, 1, "the server call before the edit point");
+    assert_eq!(
+        out.cancellations, 1,
+        "the server call before the edit point"
+    );
     let rec = m.load().await.unwrap();
     assert!(rec.queue.is_empty());
     let active: Vec<(Role, String)> = rec
@@ -846,11 +887,12 @@ pub async fn edit_truncates_and_cancels<B: Backend>(b: &B) {
     );
     let deleted = rec.history.iter().filter(|m| m.deleted).count();
     assert_eq!(deleted, out.deleted_messages.len());
-    assert!(rec
-        .history
-        .iter()
-        .filter(|m| m.deleted)
-        .all(|m| m.revision == rec.row.versions.snapshot));
+    assert!(
+        rec.history
+            .iter()
+            .filter(|m| m.deleted)
+            .all(|m| m.revision == rec.row.versions.snapshot)
+    );
     // Editing a soft-deleted message is MessageNotFound.
     let err = m
         .update(async |tx| tx.edit_message(users[1], vec![Part::text("x")], None).await)
@@ -894,12 +936,14 @@ pub async fn cancellations_come_before_user_messages<B: Backend>(b: &B) {
     assert_eq!(tail[0].role, Role::User);
     for (m, id) in [(tail[2], "s1"), (tail[1], "d1")] {
         match &m.content[..] {
-            [Part::ToolResult {
-                tool_call_id,
-                is_error,
-                result,
-                ..
-            }] => {
+            [
+                Part::ToolResult {
+                    tool_call_id,
+                    is_error,
+                    result,
+                    ..
+                },
+            ] => {
                 assert_eq!(tool_call_id, id);
                 assert!(is_error);
                 assert_eq!(result, &JsonText::string(cancel_reasons::NEW_USER_MESSAGE));
@@ -950,7 +994,13 @@ pub async fn publish_failure_after_commit_is_distinct<B: Backend>(b: &B) {
     fx.publisher.set_failing(true);
     let err = m.update(async |_| Ok(())).await.unwrap_err();
     assert!(err.is_committed(), "{err}");
-    assert!(matches!(err, Error::PublishAfterCommit { snapshot_version: 2, .. }));
+    assert!(matches!(
+        err,
+        Error::PublishAfterCommit {
+            snapshot_version: 2,
+            ..
+        }
+    ));
     fx.publisher.set_failing(false);
     assert_eq!(m.load().await.unwrap().row.versions.snapshot, 2);
 }
@@ -1101,18 +1151,18 @@ pub async fn metadata_writes_roll_back_with_the_callback<B: Backend>(b: &B) {
         .unwrap_err();
     let rec = m.load().await.unwrap();
     assert_eq!(rec.metadata.title, "first");
-    assert_eq!(rec.metadata.metadata, Some(JsonText::parse(r#"{"k":1}"#).unwrap()));
+    assert_eq!(
+        rec.metadata.metadata,
+        Some(JsonText::parse(r#"{"k":1}"#).unwrap())
+    );
     assert_eq!(rec.state(), ExecutionState::R0);
 }
 
-/// Notifications the store delivers with the commit arrive only for
-/// committed Updates, in commit order.
+/// Notifications the store delivers with the commit (`Notify::InTransaction`)
+/// arrive for committed Updates only, in commit order, and never reach an
+/// after-commit publisher.
 pub async fn in_transaction_notifications_arrive_after_commit_only<B: Backend>(b: &B) {
     let fx = fixture(b).await;
-    // The recording publisher must see nothing in this mode: the store
-    // delivers. The suite checks what the machine hands over by counting
-    // snapshot versions on a store-independent path: a rolled-back Update
-    // must not move the committed snapshot, and committed ones do.
     let created = create_chat(
         &fx.store,
         &Notify::InTransaction,
@@ -1129,15 +1179,32 @@ pub async fn in_transaction_notifications_arrive_after_commit_only<B: Backend>(b
         created.chat_id,
         fx.options,
     );
+    let mut feed = b.listen(&fx.store, m.chat_id()).await;
     m.update(async |_| Ok(())).await.unwrap();
     let _ = m
-        .update(async |_| Err::<(), _>(Error::callback("no")))
+        .update(async |tx| {
+            tx.commit_step(vec![NewMessage::assistant("rolled back")], false)
+                .await?;
+            Err::<(), _>(Error::callback("no"))
+        })
         .await
         .unwrap_err();
+    m.update(async |tx| {
+        tx.send_message(NewMessage::user("q"), BusyBehavior::Queue)
+            .await
+    })
+    .await
+    .unwrap();
+    // The rolled-back Update sent nothing: the feed goes 2, then 3.
+    assert_eq!(feed.next_update().await.snapshot_version(), 2);
+    let third = feed.next_update().await;
+    assert_eq!(third.snapshot_version(), 3);
+    match third {
+        Notification::Update { update, .. } => assert_eq!(update.queue_version, 3),
+        other => panic!("{other:?}"),
+    }
     assert!(fx.publisher.published().is_empty());
-    assert_eq!(m.load().await.unwrap().row.versions.snapshot, 2);
-    let unused = RecordingPublisher::new();
-    assert!(unused.published().is_empty());
+    assert_eq!(m.load().await.unwrap().row.versions.snapshot, 3);
 }
 
 /// The compaction marker: set by RequestCompaction (which also clears the
@@ -1161,10 +1228,11 @@ pub async fn compaction_marker_is_one_shot<B: Backend>(b: &B) {
     let rec = m.load().await.unwrap();
     assert!(rec.row.compaction_requested_at.is_some());
     assert!(rec.row.owner.is_none());
-    assert!(fx
-        .published_for(m.chat_id())
-        .iter()
-        .any(|n| matches!(n, Notification::Ownership(_))));
+    assert!(
+        fx.published_for(m.chat_id())
+            .iter()
+            .any(|n| matches!(n, Notification::Ownership(_)))
+    );
     m.update(async |tx| {
         tx.acquire(w, r).await?;
         tx.commit_step(vec![NewMessage::assistant("thinking")], false)
@@ -1172,14 +1240,28 @@ pub async fn compaction_marker_is_one_shot<B: Backend>(b: &B) {
     })
     .await
     .unwrap();
-    assert!(m.load().await.unwrap().row.compaction_requested_at.is_some());
+    assert!(
+        m.load()
+            .await
+            .unwrap()
+            .row
+            .compaction_requested_at
+            .is_some()
+    );
     m.update(async |tx| {
         tx.commit_step(vec![NewMessage::assistant("summary")], true)
             .await
     })
     .await
     .unwrap();
-    assert!(m.load().await.unwrap().row.compaction_requested_at.is_none());
+    assert!(
+        m.load()
+            .await
+            .unwrap()
+            .row
+            .compaction_requested_at
+            .is_none()
+    );
 }
 
 /// Rows with legacy or inconsistent statuses classify Invalid, refuse every

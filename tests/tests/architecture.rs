@@ -3,7 +3,10 @@
 use std::path::{Path, PathBuf};
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// The workspace crates a member depends on (normal and dev dependencies).
@@ -17,12 +20,11 @@ fn deps(member: &str) -> Vec<String> {
             in_deps = line == "[dependencies]" || line == "[dev-dependencies]";
             continue;
         }
-        if in_deps {
-            if let Some(name) = line.split(['=', '.', ' ']).next() {
-                if name.starts_with("chatstate") {
-                    out.push(name.to_owned());
-                }
-            }
+        if in_deps
+            && let Some(name) = line.split(['=', '.', ' ']).next()
+            && name.starts_with("chatstate")
+        {
+            out.push(name.to_owned());
         }
     }
     out.sort();
@@ -49,13 +51,26 @@ fn normal_deps(member: &str) -> Vec<String> {
 
 #[test]
 fn dependencies_point_one_way() {
-    assert!(normal_deps("model").is_empty(), "model depends on no crate of ours");
+    assert!(
+        normal_deps("model").is_empty(),
+        "model depends on no crate of ours"
+    );
     assert_eq!(normal_deps("machine"), ["chatstate-model"]);
     for store in ["store-mem", "store-pg"] {
-        assert_eq!(normal_deps(store), ["chatstate", "chatstate-model"], "{store}");
+        assert_eq!(
+            normal_deps(store),
+            ["chatstate", "chatstate-model"],
+            "{store}"
+        );
     }
-    for (store, other) in [("store-mem", "chatstate-store-pg"), ("store-pg", "chatstate-store-mem")] {
-        assert!(!deps(store).contains(&other.to_owned()), "{store} depends on {other}");
+    for (store, other) in [
+        ("store-mem", "chatstate-store-pg"),
+        ("store-pg", "chatstate-store-mem"),
+    ] {
+        assert!(
+            !deps(store).contains(&other.to_owned()),
+            "{store} depends on {other}"
+        );
     }
 }
 
@@ -76,7 +91,10 @@ fn sources(dir: &Path) -> Vec<(PathBuf, String)> {
 fn model_performs_no_io() {
     let manifest = std::fs::read_to_string(root().join("model/Cargo.toml")).unwrap();
     for banned in ["tokio", "sqlx"] {
-        assert!(!manifest.contains(banned), "model/Cargo.toml mentions {banned}");
+        assert!(
+            !manifest.contains(banned),
+            "model/Cargo.toml mentions {banned}"
+        );
     }
     for (path, text) in sources(&root().join("model/src")) {
         for banned in ["std::fs", "std::net", "std::process", "tokio::", "sqlx::"] {
