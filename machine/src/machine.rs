@@ -17,6 +17,78 @@ use crate::store::{
     ChatMetadata, ChatRecord, CreateOutcome, LockMode, MetadataPatch, Store, StoreTx,
 };
 
+/// The worker transitions, defined once for [`Tx`] (unfenced) and
+/// [`Fenced`]; each type's private `worker` method says how they apply.
+macro_rules! worker_transitions {
+    ($fence:literal) => {
+        #[doc = concat!("Abandon", $fence, ".")]
+        pub async fn abandon(&mut self) -> Result<Outcome, Error> {
+            self.worker(Input::Abandon).await
+        }
+
+        #[doc = concat!("RecordGenerationAttempt", $fence, ".")]
+        pub async fn record_generation_attempt(&mut self) -> Result<Outcome, Error> {
+            self.worker(Input::RecordGenerationAttempt).await
+        }
+
+        #[doc = concat!("RecordRetryState", $fence, ".")]
+        pub async fn record_retry_state(&mut self, retry_state: &str) -> Result<Outcome, Error> {
+            self.worker(Input::RecordRetryState {
+                retry_state: retry_state.to_owned(),
+            })
+            .await
+        }
+
+        #[doc = concat!("CommitStep", $fence, ".")]
+        pub async fn commit_step(
+            &mut self,
+            messages: Vec<NewMessage>,
+            consume_compaction_request: bool,
+        ) -> Result<Outcome, Error> {
+            self.worker(Input::CommitStep {
+                messages,
+                consume_compaction_request,
+            })
+            .await
+        }
+
+        #[doc = concat!("EnterRequiresAction", $fence, ".")]
+        pub async fn enter_requires_action(&mut self) -> Result<Outcome, Error> {
+            self.worker(Input::EnterRequiresAction).await
+        }
+
+        #[doc = concat!("FinishInterruption", $fence, ".")]
+        pub async fn finish_interruption(
+            &mut self,
+            partial_messages: Vec<NewMessage>,
+        ) -> Result<Outcome, Error> {
+            self.worker(Input::FinishInterruption { partial_messages })
+                .await
+        }
+
+        #[doc = concat!("FinishTurn", $fence, ".")]
+        pub async fn finish_turn(&mut self) -> Result<Outcome, Error> {
+            self.worker(Input::FinishTurn).await
+        }
+
+        #[doc = concat!("FinishError", $fence, ".")]
+        pub async fn finish_error(
+            &mut self,
+            last_error: Option<JsonText>,
+        ) -> Result<Outcome, Error> {
+            self.worker(Input::FinishError { last_error }).await
+        }
+
+        #[doc = concat!("CancelRequiresAction", $fence, ".")]
+        pub async fn cancel_requires_action(
+            &mut self,
+            reason: Option<String>,
+        ) -> Result<Outcome, Error> {
+            self.worker(Input::CancelRequiresAction { reason }).await
+        }
+    };
+}
+
 /// A cheap handle on one chat of a store.
 ///
 /// It caches nothing between calls: every [`ChatMachine::update`],
@@ -380,68 +452,12 @@ impl<'a, S: Store> Tx<'a, S> {
         .await
     }
 
-    /// Abandon, unfenced (see [`Tx::fenced`] for the fenced form).
-    pub async fn abandon(&mut self) -> Result<Outcome, Error> {
-        self.apply(Input::Abandon).await
+    /// How the unfenced worker transitions apply: no runner check.
+    async fn worker(&mut self, input: Input) -> Result<Outcome, Error> {
+        self.apply_fenced(input, None).await
     }
 
-    /// RecordGenerationAttempt, unfenced.
-    pub async fn record_generation_attempt(&mut self) -> Result<Outcome, Error> {
-        self.apply(Input::RecordGenerationAttempt).await
-    }
-
-    /// RecordRetryState, unfenced.
-    pub async fn record_retry_state(&mut self, retry_state: &str) -> Result<Outcome, Error> {
-        self.apply(Input::RecordRetryState {
-            retry_state: retry_state.to_owned(),
-        })
-        .await
-    }
-
-    /// CommitStep, unfenced.
-    pub async fn commit_step(
-        &mut self,
-        messages: Vec<NewMessage>,
-        consume_compaction_request: bool,
-    ) -> Result<Outcome, Error> {
-        self.apply(Input::CommitStep {
-            messages,
-            consume_compaction_request,
-        })
-        .await
-    }
-
-    /// EnterRequiresAction, unfenced.
-    pub async fn enter_requires_action(&mut self) -> Result<Outcome, Error> {
-        self.apply(Input::EnterRequiresAction).await
-    }
-
-    /// FinishInterruption, unfenced.
-    pub async fn finish_interruption(
-        &mut self,
-        partial_messages: Vec<NewMessage>,
-    ) -> Result<Outcome, Error> {
-        self.apply(Input::FinishInterruption { partial_messages })
-            .await
-    }
-
-    /// FinishTurn, unfenced.
-    pub async fn finish_turn(&mut self) -> Result<Outcome, Error> {
-        self.apply(Input::FinishTurn).await
-    }
-
-    /// FinishError, unfenced.
-    pub async fn finish_error(&mut self, last_error: Option<JsonText>) -> Result<Outcome, Error> {
-        self.apply(Input::FinishError { last_error }).await
-    }
-
-    /// CancelRequiresAction, unfenced.
-    pub async fn cancel_requires_action(
-        &mut self,
-        reason: Option<String>,
-    ) -> Result<Outcome, Error> {
-        self.apply(Input::CancelRequiresAction { reason }).await
-    }
+    worker_transitions!("");
 
     /// ReconcileInvalidState.
     pub async fn reconcile_invalid_state(
@@ -547,76 +563,16 @@ pub struct Fenced<'t, 'a, S: Store> {
 }
 
 impl<S: Store> Fenced<'_, '_, S> {
-    async fn apply(&mut self, input: Input) -> Result<Outcome, Error> {
+    /// How the fenced worker transitions apply: the runner is checked first.
+    async fn worker(&mut self, input: Input) -> Result<Outcome, Error> {
         self.tx.apply_fenced(input, Some(self.runner)).await
     }
 
-    /// Abandon, if the chat is still ours.
-    pub async fn abandon(&mut self) -> Result<Outcome, Error> {
-        self.apply(Input::Abandon).await
-    }
+    worker_transitions!(", if the chat's runner is still ours (else `LeaseLost`)");
 
-    /// RecordGenerationAttempt, if the chat is still ours.
-    pub async fn record_generation_attempt(&mut self) -> Result<Outcome, Error> {
-        self.apply(Input::RecordGenerationAttempt).await
-    }
-
-    /// RecordRetryState, if the chat is still ours.
-    pub async fn record_retry_state(&mut self, retry_state: &str) -> Result<Outcome, Error> {
-        self.apply(Input::RecordRetryState {
-            retry_state: retry_state.to_owned(),
-        })
-        .await
-    }
-
-    /// CommitStep, if the chat is still ours.
-    pub async fn commit_step(
-        &mut self,
-        messages: Vec<NewMessage>,
-        consume_compaction_request: bool,
-    ) -> Result<Outcome, Error> {
-        self.apply(Input::CommitStep {
-            messages,
-            consume_compaction_request,
-        })
-        .await
-    }
-
-    /// EnterRequiresAction, if the chat is still ours.
-    pub async fn enter_requires_action(&mut self) -> Result<Outcome, Error> {
-        self.apply(Input::EnterRequiresAction).await
-    }
-
-    /// FinishInterruption, if the chat is still ours.
-    pub async fn finish_interruption(
-        &mut self,
-        partial_messages: Vec<NewMessage>,
-    ) -> Result<Outcome, Error> {
-        self.apply(Input::FinishInterruption { partial_messages })
-            .await
-    }
-
-    /// FinishTurn, if the chat is still ours.
-    pub async fn finish_turn(&mut self) -> Result<Outcome, Error> {
-        self.apply(Input::FinishTurn).await
-    }
-
-    /// FinishError, if the chat is still ours.
-    pub async fn finish_error(&mut self, last_error: Option<JsonText>) -> Result<Outcome, Error> {
-        self.apply(Input::FinishError { last_error }).await
-    }
-
-    /// CancelRequiresAction, if the chat is still ours.
-    pub async fn cancel_requires_action(
-        &mut self,
-        reason: Option<String>,
-    ) -> Result<Outcome, Error> {
-        self.apply(Input::CancelRequiresAction { reason }).await
-    }
-
-    /// Any worker transition by input, fenced.
+    /// Any transition by input, fenced.
     pub async fn apply_input(&mut self, input: Input) -> Result<Outcome, Error> {
-        self.apply(input).await
+        self.worker(input).await
     }
 }
 

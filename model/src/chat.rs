@@ -197,17 +197,7 @@ impl Chat {
     ) -> MessageId {
         let id = MessageId(self.next_message_id);
         self.next_message_id += 1;
-        self.history.push(Message {
-            id,
-            role: m.role,
-            content: m.content,
-            visibility: m.visibility,
-            model_config_id: m.model_config_id,
-            created_by: m.created_by,
-            queued_message_id: queued,
-            deleted: false,
-            revision,
-        });
+        self.history.push(m.stored(id, queued, revision));
         id
     }
 

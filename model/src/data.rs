@@ -457,6 +457,28 @@ impl NewMessage {
     pub fn assistant(text: impl Into<String>) -> Self {
         Self::new(Role::Assistant, vec![Part::text(text)])
     }
+
+    /// The stored row this message becomes: active, with the id a store
+    /// gave it, the queued row it was promoted from, and the revision of
+    /// the Update that wrote it.
+    pub fn stored(
+        self,
+        id: MessageId,
+        queued_message_id: Option<QueuedMessageId>,
+        revision: i64,
+    ) -> Message {
+        Message {
+            id,
+            role: self.role,
+            content: self.content,
+            visibility: self.visibility,
+            model_config_id: self.model_config_id,
+            created_by: self.created_by,
+            queued_message_id,
+            deleted: false,
+            revision,
+        }
+    }
 }
 
 /// A stored history message.

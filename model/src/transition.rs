@@ -62,32 +62,23 @@ pub enum Transition {
 }
 
 impl Transition {
-    /// The execution transitions, in canonical order (the matrix's columns).
-    pub const EXECUTION: [Transition; 18] = [
-        Self::CreateChat,
-        Self::SetArchived,
-        Self::SendMessage,
-        Self::EditMessage,
-        Self::RequestCompaction,
-        Self::DeleteQueuedMessage,
-        Self::PromoteQueuedMessage,
-        Self::Interrupt,
-        Self::CompleteRequiresAction,
-        Self::RecordGenerationAttempt,
-        Self::RecordRetryState,
-        Self::CommitStep,
-        Self::EnterRequiresAction,
-        Self::FinishInterruption,
-        Self::FinishTurn,
-        Self::FinishError,
-        Self::CancelRequiresAction,
-        Self::ReconcileInvalidState,
-    ];
+    /// The execution transitions, in canonical order (the matrix's columns):
+    /// every transition but the two ownership ones, which come last.
+    pub const EXECUTION: [Transition; 18] = {
+        let mut out = [Self::CreateChat; 18];
+        let mut i = 0;
+        while i < 18 {
+            out[i] = Self::ALL[i];
+            i += 1;
+        }
+        out
+    };
 
     /// The ownership transitions, allowed from every existing state.
     pub const OWNERSHIP: [Transition; 2] = [Self::Acquire, Self::Abandon];
 
-    /// Every transition: execution transitions then ownership transitions.
+    /// Every transition in canonical order: the execution transitions, then
+    /// the ownership transitions.
     pub const ALL: [Transition; 20] = [
         Self::CreateChat,
         Self::SetArchived,
@@ -427,6 +418,13 @@ mod tests {
             assert!(c.to.windows(2).all(|w| w[0] < w[1]), "outputs sorted");
             assert!(!c.transition.is_ownership());
         }
+    }
+
+    #[test]
+    fn execution_is_all_but_ownership() {
+        assert_eq!(&Transition::ALL[..18], &Transition::EXECUTION);
+        assert_eq!(&Transition::ALL[18..], &Transition::OWNERSHIP);
+        assert!(Transition::EXECUTION.iter().all(|t| !t.is_ownership()));
     }
 
     #[test]

@@ -511,17 +511,8 @@ impl Store for MemStore {
 
 impl Inner {
     fn message(&self, m: NewMessage, queued: Option<QueuedMessageId>, revision: i64) -> Message {
-        Message {
-            id: MessageId(self.next_message_id.fetch_add(1, Ordering::SeqCst)),
-            role: m.role,
-            content: m.content,
-            visibility: m.visibility,
-            model_config_id: m.model_config_id,
-            created_by: m.created_by,
-            queued_message_id: queued,
-            deleted: false,
-            revision,
-        }
+        let id = MessageId(self.next_message_id.fetch_add(1, Ordering::SeqCst));
+        m.stored(id, queued, revision)
     }
 }
 

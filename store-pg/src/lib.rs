@@ -92,7 +92,7 @@ pub use tx::PgTx;
 use crate::decode::get;
 use crate::error::{is_foreign_key_violation, store_error};
 use crate::sql::Opening;
-use crate::tx::{RoundTrips, message_json, micros, stored_json};
+use crate::tx::{RoundTrips, bind_row, message_json, micros, stored_json};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -259,22 +259,10 @@ impl Store for PgStore {
         let labels = jsonb::encode_text(&serde_json::json!(metadata.labels));
         let tools = jsonb::encode_text(&serde_json::json!(row.dynamic_tools));
         self.round_trips.tick();
-        let out = sqlx::query(sql::CREATE_CHAT)
+        let query = sqlx::query(sql::CREATE_CHAT)
             .bind(row.id.0)
-            .bind(row.owner_id)
-            .bind(row.status.as_str())
-            .bind(row.archived)
-            .bind(row.owner.map(|o| o.worker_id.0))
-            .bind(row.owner.map(|o| o.runner_id.0))
-            .bind(row.last_error.as_ref().map(stored_json))
-            .bind(row.retry_state.as_ref().map(stored_json))
-            .bind(row.generation_attempt)
-            .bind(row.requires_action_deadline_at.map(|t| t.0))
-            .bind(row.compaction_requested_at.map(|t| t.0))
-            .bind(row.versions.snapshot)
-            .bind(row.versions.history)
-            .bind(row.versions.queue)
-            .bind(row.versions.retry_state)
+            .bind(row.owner_id);
+        let out = bind_row(query, row)
             .bind(tools)
             .bind(row.last_model_config_id)
             .bind(jsonb::encode_str(&metadata.title))

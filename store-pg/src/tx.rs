@@ -276,6 +276,30 @@ pub(crate) fn quote_literal(s: &str) -> Result<String, PgStoreFault> {
 }
 
 /// The stored JSON text of a model JSON value (see [`jsonb`]).
+/// Binds the execution-state columns of a row, in the order every
+/// statement that writes a whole row takes them: status, archived, worker,
+/// runner, last error, retry state, generation attempt, deadline,
+/// compaction marker, then the four versions.
+pub(crate) fn bind_row<'q>(
+    query: sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>,
+    row: &'q chatstate_model::ChatRow,
+) -> sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments> {
+    query
+        .bind(row.status.as_str())
+        .bind(row.archived)
+        .bind(row.owner.map(|o| o.worker_id.0))
+        .bind(row.owner.map(|o| o.runner_id.0))
+        .bind(row.last_error.as_ref().map(stored_json))
+        .bind(row.retry_state.as_ref().map(stored_json))
+        .bind(row.generation_attempt)
+        .bind(row.requires_action_deadline_at.map(|t| t.0))
+        .bind(row.compaction_requested_at.map(|t| t.0))
+        .bind(row.versions.snapshot)
+        .bind(row.versions.history)
+        .bind(row.versions.queue)
+        .bind(row.versions.retry_state)
+}
+
 pub(crate) fn stored_json(j: &JsonText) -> String {
     jsonb::encode_text(&j.to_value())
 }
@@ -346,7 +370,7 @@ impl StoreTx for PgTx {
             beat: plan.heartbeat.is_some(),
             row: plan.row_changed,
         };
-        let result = sqlx::query(sql::apply(shape))
+        let query = sqlx::query(sql::apply(shape))
             .bind(chat.0)
             .bind(row.versions.snapshot)
             .bind(ids(&plan.soft_delete))
@@ -357,22 +381,8 @@ impl StoreTx for PgTx {
             .bind(append.map(|a| a.created_by))
             .bind(messages)
             .bind(plan.promote.map(|q| q.0))
-            .bind(plan.heartbeat.map(|r| r.0))
-            .bind(row.status.as_str())
-            .bind(row.archived)
-            .bind(row.owner.map(|o| o.worker_id.0))
-            .bind(row.owner.map(|o| o.runner_id.0))
-            .bind(row.last_error.as_ref().map(stored_json))
-            .bind(row.retry_state.as_ref().map(stored_json))
-            .bind(row.generation_attempt)
-            .bind(row.requires_action_deadline_at.map(|t| t.0))
-            .bind(row.compaction_requested_at.map(|t| t.0))
-            .bind(row.versions.snapshot)
-            .bind(row.versions.history)
-            .bind(row.versions.queue)
-            .bind(row.versions.retry_state)
-            .fetch_one(&mut *self.conn)
-            .await;
+            .bind(plan.heartbeat.map(|r| r.0));
+        let result = bind_row(query, row).fetch_one(&mut *self.conn).await;
         let out = result.map_err(|e| self.failed(CONTEXT, e))?;
         // The plan was decided on the snapshot this transaction locked, so
         // every part must touch exactly the rows it names. Anything else
