@@ -18,6 +18,13 @@ pub(crate) struct Args {
     threads: Option<u16>,
 }
 
+impl Args {
+    /// Arguments with the given thread count (`None`: one per CPU).
+    pub(crate) fn with_threads(threads: Option<u16>) -> Self {
+        Args { threads }
+    }
+}
+
 /// One exhaustive model check, run with the given number of threads.
 pub(crate) type ModelCheck = fn(usize) -> CheckReport;
 
