@@ -122,6 +122,11 @@ struct ChatData {
     /// Every message in id order, soft-deleted ones included.
     history: Vec<Message>,
     heartbeats: HashMap<RunnerId, Timestamp>,
+    /// The tool bookkeeping of the active history, derived from it by this
+    /// store (never taken from a plan), kept up to date as messages are
+    /// appended and dropped (`None`) when history is truncated or rolled
+    /// back, to be derived again on the next read.
+    tools: Option<ToolState>,
 }
 
 impl ChatData {
@@ -156,11 +161,27 @@ impl ChatData {
         )
     }
 
-    fn snapshot(&self, now: Timestamp, options: &Options) -> Snapshot {
+    /// The tool bookkeeping of the whole active history (cached).
+    fn tools(&mut self) -> ToolState {
+        if self.tools.is_none() {
+            self.tools = Some(self.tools_before(None));
+        }
+        self.tools.clone().expect("just derived")
+    }
+
+    /// Appends a message to the history, keeping the cached bookkeeping.
+    fn push(&mut self, m: Message) {
+        if let Some(tools) = &mut self.tools {
+            tools.observe(m.role, &m.content);
+        }
+        self.history.push(m);
+    }
+
+    fn snapshot(&mut self, now: Timestamp, options: &Options) -> Snapshot {
         Snapshot {
             row: self.row.clone(),
             queue: self.queue.iter().map(|q| q.id).collect(),
-            tools: self.tools_before(None),
+            tools: self.tools(),
             lease_fresh: self.lease_fresh(now, options),
             now,
         }
@@ -364,10 +385,13 @@ impl MemTx {
                 Undo::Row(slot, row) => slot.data.lock().expect("chat data").row = *row,
                 Undo::Metadata(slot, m) => slot.data.lock().expect("chat data").metadata = *m,
                 Undo::HistoryLen(slot, len) => {
-                    slot.data.lock().expect("chat data").history.truncate(len)
+                    let mut d = slot.data.lock().expect("chat data");
+                    d.history.truncate(len);
+                    d.tools = None;
                 }
                 Undo::SoftDelete(slot, index, revision) => {
                     let mut d = slot.data.lock().expect("chat data");
+                    d.tools = None;
                     let m = &mut d.history[index];
                     m.deleted = false;
                     m.revision = revision;
@@ -485,6 +509,7 @@ impl Store for MemStore {
                     queue: Vec::new(),
                     history,
                     heartbeats: HashMap::new(),
+                    tools: None,
                 }),
             }),
         );
@@ -555,6 +580,9 @@ impl StoreTx for MemTx {
             }
         }
 
+        if !soft.is_empty() {
+            d.tools = None;
+        }
         for i in soft {
             self.undo
                 .push(Undo::SoftDelete(slot.clone(), i, d.history[i].revision));
@@ -589,7 +617,7 @@ impl StoreTx for MemTx {
         for m in &plan.messages {
             let msg = self.inner.message(m.clone(), None, revision);
             assigned.messages.push(msg.id);
-            d.history.push(msg);
+            d.push(msg);
         }
         if let Some(qid) = plan.promote {
             let pos = d.queue.iter().position(|q| q.id == qid).expect("checked");
@@ -600,7 +628,7 @@ impl StoreTx for MemTx {
                 revision,
             );
             assigned.messages.push(msg.id);
-            d.history.push(msg);
+            d.push(msg);
         }
         if let Some(runner) = plan.heartbeat {
             let old = d.heartbeats.insert(runner, now);
