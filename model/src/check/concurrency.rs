@@ -477,8 +477,9 @@ impl fmt::Display for Flags {
     }
 }
 
-/// A state of the whole system.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+/// A state of the whole system. Its `Debug` is its readable `Display`
+/// (the stateright Explorer shows states through `Debug`).
+#[derive(Clone, PartialEq, Eq, Hash)]
 pub struct State {
     /// The committed row.
     pub row: Row,
@@ -534,6 +535,12 @@ impl State {
         if self.row.owner.is_none() {
             self.lease_age = 0;
         }
+    }
+}
+
+impl fmt::Debug for State {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
     }
 }
 
