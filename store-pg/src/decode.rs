@@ -94,7 +94,7 @@ pub(crate) fn chat_row(row: &PgRow, context: &'static str) -> Result<ChatRow, St
     })
 }
 
-/// Folds the `tool_tail!` JSON (`[{role, parts}]`) into the model's tool
+/// Folds the `chatstate_tool_tail` JSON (`[{role, parts}]`) into the model's tool
 /// bookkeeping, parsing each part with the model's own parser.
 pub(crate) fn tool_state(text: &str, context: &'static str) -> Result<ToolState, StoreError> {
     let value = json_value(context, "tools", text)?;
@@ -117,14 +117,28 @@ pub(crate) fn tool_state(text: &str, context: &'static str) -> Result<ToolState,
     Ok(state)
 }
 
+/// The tool bookkeeping stored on the chat row (`tool_state`).
+pub(crate) fn stored_tool_state(
+    text: &str,
+    context: &'static str,
+) -> Result<ToolState, StoreError> {
+    serde_json::from_value(json_value(context, "tool_state", text)?)
+        .map_err(|e| malformed(context, "tool_state", e))
+}
+
 /// The snapshot from the opening select.
 pub(crate) fn snapshot(row: &PgRow, context: &'static str) -> Result<Snapshot, StoreError> {
     let queue: Vec<i64> = get(row, context, "queue")?;
-    let tools: String = get(row, context, "tools")?;
+    // The row's bookkeeping; only a chat from before migration 0002 has
+    // none, and then the select folded the history tail instead.
+    let tools = match get::<Option<String>>(row, context, "tool_state")? {
+        Some(stored) => stored_tool_state(&stored, context)?,
+        None => tool_state(&get::<String>(row, context, "tools")?, context)?,
+    };
     Ok(Snapshot {
         row: chat_row(row, context)?,
         queue: queue.into_iter().map(QueuedMessageId).collect(),
-        tools: tool_state(&tools, context)?,
+        tools,
         lease_fresh: get(row, context, "lease_fresh")?,
         now: Timestamp(get(row, context, "now_us")?),
     })
@@ -199,7 +213,7 @@ mod tests {
 
     #[test]
     fn tool_state_folds_reduced_parts_like_the_model() {
-        // What tool_tail! returns for: assistant [call c1 (dyn), call c2
+        // What chatstate_tool_tail returns for: assistant [call c1 (dyn), call c2
         // (provider-executed), result c0], then a tool message answering c1.
         let text = r#"[
             {"role": "assistant", "parts": [

@@ -91,6 +91,9 @@ pub enum PgStoreFault {
     /// The chat this transaction was asked about is not locked by it.
     #[error("the chat is not locked by this transaction")]
     NotLocked,
+    /// The chat does not exist (a test-control write to a missing chat).
+    #[error("chat {0} not found")]
+    ChatNotFound(chatstate_model::ChatId),
 }
 
 impl PgStoreFault {

@@ -96,7 +96,8 @@ enum Writes<'a> {
 /// A connection in a go-shaped transaction, counting its requests.
 struct Session<'s> {
     store: &'s PgStore,
-    conn: PoolConnection<Postgres>,
+    /// `Some` until dropped.
+    conn: Option<PoolConnection<Postgres>>,
     open: bool,
     local: u64,
 }
@@ -104,7 +105,12 @@ struct Session<'s> {
 impl Drop for Session<'_> {
     fn drop(&mut self) {
         if self.open {
-            self.conn.close_on_drop();
+            if let Some(conn) = &mut self.conn {
+                conn.close_on_drop();
+            }
+        } else if let Some(conn) = self.conn.take() {
+            // Kept by the store, as the lean path's are.
+            self.store.keep(conn);
         }
     }
 }
@@ -118,7 +124,7 @@ impl Session<'_> {
     async fn simple(&mut self, sql: &'static str) -> Result<(), StoreError> {
         self.tick();
         sqlx::raw_sql(sql)
-            .execute(&mut *self.conn)
+            .execute(&mut **self.conn.as_mut().expect("taken only on drop"))
             .await
             .map_err(|e| store_error("go-shaped update", e))?;
         Ok(())
@@ -129,7 +135,7 @@ impl Session<'_> {
         q: sqlx::query::Query<'_, Postgres, sqlx::postgres::PgArguments>,
     ) -> Result<Option<PgRow>, StoreError> {
         self.tick();
-        q.fetch_optional(&mut *self.conn)
+        q.fetch_optional(&mut **self.conn.as_mut().expect("taken only on drop"))
             .await
             .map_err(|e| store_error("go-shaped update", e))
     }
@@ -186,14 +192,11 @@ impl PgStore {
         options: &Options,
     ) -> Result<GoShapedOutcome, StoreError> {
         const CONTEXT: &str = "go-shaped update";
-        let conn = self
-            .pool
-            .acquire()
-            .await
-            .map_err(|e| store_error("acquire connection", e))?;
+        // Connections come and go the way the lean path's do.
+        let conn = self.connection().await?;
         let mut s = Session {
             store: self,
-            conn,
+            conn: Some(conn),
             open: true,
             local: 0,
         };

@@ -11,12 +11,13 @@
 //! An Update of one transition costs three round trips (four for
 //! EditMessage), counted by [`PgStore::round_trips`]:
 //!
-//! 1. `BEGIN`, the row lock with the snapshot bump, and the read of the
-//!    snapshot (row, queue ids, lease freshness, store time, tool
-//!    bookkeeping), in one simple-query message;
-//! 2. the plan's writes, in one statement (EditMessage first reads its
-//!    target: one more);
-//! 3. the notifications and `COMMIT`, in one simple-query message.
+//! 1. `BEGIN`, the row lock, and the read of the snapshot (the row, which
+//!    also carries the queue ids and the tool bookkeeping, the lease
+//!    freshness and store time), in one simple-query message;
+//! 2. the plan's writes, in one statement, which also writes the snapshot
+//!    bump with the row (EditMessage first reads its target: one more);
+//! 3. the notifications and `COMMIT`, in one simple-query message (with
+//!    the bump, when no plan wrote the row).
 //!
 //! An empty Update, Lock and ReadLock cost two (open, end). [`goshape`]
 //! runs the statement sequence of the Go original on the same schema for
@@ -37,6 +38,15 @@
 //! connection when it is checked out (sqlx's default, one more round trip
 //! per transaction). Any other pool works, at the price of those pings and
 //! of preparing on a connection's first use.
+//!
+//! A sqlx pool also pings every connection that comes back to it (one
+//! more round trip per transaction, in a task of its own). So a
+//! [`PgStore`] keeps the connections of its finished transactions, up to
+//! half the pool's maximum, and reuses them. One goes back to the pool
+//! when something went wrong on it, when the store next needs a
+//! connection after it sat unused for ten seconds, or when the last clone
+//! of the store is dropped. A pool shared with other code therefore lends
+//! the store up to half its connections between transactions.
 //!
 //! # Example
 //!
@@ -68,11 +78,13 @@ mod sql;
 mod decode;
 mod error;
 pub mod goshape;
+mod idle;
 mod jsonb;
 mod listen;
 pub mod throwaway;
 mod tx;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use chatstate::{
@@ -80,10 +92,11 @@ use chatstate::{
 };
 use chatstate_model::{
     ChatId, ChatRow, ChatStatus, ExecutionState, MessageId, NewMessage, Notification, Options,
-    RunnerId, Snapshot,
+    RunnerId, Snapshot, ToolState,
 };
-use sqlx::PgPool;
+use sqlx::pool::PoolConnection;
 use sqlx::postgres::PgPoolOptions;
+use sqlx::{PgPool, Postgres};
 
 pub use error::PgStoreFault;
 pub use listen::{LISTENER_APPLICATION_NAME, ListenerEvent, PgNotifyListener, update_channel};
@@ -91,8 +104,9 @@ pub use tx::PgTx;
 
 use crate::decode::get;
 use crate::error::{is_foreign_key_violation, store_error};
+use crate::idle::IdleConnections;
 use crate::sql::Opening;
-use crate::tx::{RoundTrips, bind_row, message_json, micros, stored_json};
+use crate::tx::{RoundTrips, bind_row, message_json, micros, stored_json, tool_state_json};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -154,15 +168,23 @@ pub fn pool_options() -> PgPoolOptions {
 pub struct PgStore {
     pool: PgPool,
     round_trips: RoundTrips,
+    /// Connections between transactions (see the `idle` module).
+    idle: Arc<IdleConnections>,
 }
 
 impl PgStore {
     /// A store on a pool of a migrated database (see [`migrate`] and
     /// [`pool_options`]).
     pub fn new(pool: PgPool) -> Self {
+        let options = pool.options();
+        let idle = IdleConnections::new(
+            (options.get_max_connections() / 2) as usize,
+            options.get_min_connections(),
+        );
         PgStore {
             pool,
             round_trips: RoundTrips::default(),
+            idle: Arc::new(idle),
         }
     }
 
@@ -199,12 +221,35 @@ impl PgStore {
         chat: ChatId,
         options: &Options,
     ) -> Result<Option<(PgTx, Snapshot)>, StoreError> {
-        let conn = self
-            .pool
-            .acquire()
-            .await
-            .map_err(|e| store_error("acquire connection", e))?;
-        PgTx::open(conn, self.round_trips.clone(), opening, chat, options).await
+        let conn = self.connection().await?;
+        PgTx::open(
+            conn,
+            self.idle.clone(),
+            self.round_trips.clone(),
+            opening,
+            chat,
+            options,
+        )
+        .await
+    }
+
+    /// A connection: one this store kept from an earlier request, else one
+    /// from the pool.
+    pub(crate) async fn connection(&self) -> Result<PoolConnection<Postgres>, StoreError> {
+        match self.idle.take() {
+            Some(conn) => Ok(conn),
+            None => self
+                .pool
+                .acquire()
+                .await
+                .map_err(|e| store_error("acquire connection", e)),
+        }
+    }
+
+    /// Keeps a connection whose last request succeeded, outside a
+    /// transaction, for the next request.
+    pub(crate) fn keep(&self, conn: PoolConnection<Postgres>) {
+        self.idle.put(conn);
     }
 }
 
@@ -254,10 +299,16 @@ impl Store for PgStore {
             channels.push(n.channel());
             payloads.push(String::from_utf8(n.payload()).expect("notify_statements checked UTF-8"));
         }
+        // The tool bookkeeping of the initial history, kept on the row from
+        // now on (every later change of the history comes with a plan).
+        let tool_state = tool_state_json(&ToolState::from_history(
+            messages.iter().map(|m| (m.role, m.content.as_slice())),
+        ));
         let messages =
             serde_json::Value::Array(messages.iter().map(message_json).collect()).to_string();
         let labels = jsonb::encode_text(&serde_json::json!(metadata.labels));
         let tools = jsonb::encode_text(&serde_json::json!(row.dynamic_tools));
+        let mut conn = self.connection().await?;
         self.round_trips.tick();
         let query = sqlx::query(sql::CREATE_CHAT)
             .bind(row.id.0)
@@ -272,17 +323,20 @@ impl Store for PgStore {
             .bind(row.versions.snapshot)
             .bind(channels)
             .bind(payloads)
-            .fetch_one(&self.pool)
+            .bind(tool_state)
+            .fetch_one(&mut *conn)
             .await
             .map_err(|e| store_error(CONTEXT, e))?;
         let created: i64 = get(&out, CONTEXT, "created")?;
         if created == 1 {
+            self.keep(conn);
             let ids: Vec<i64> = get(&out, CONTEXT, "message_ids")?;
             return Ok(CreateOutcome::Created(
                 ids.into_iter().map(MessageId).collect(),
             ));
         }
         if let Some(status) = get::<Option<String>>(&out, CONTEXT, "status")? {
+            self.keep(conn);
             return Ok(CreateOutcome::AlreadyExists(classify(
                 &status,
                 get(&out, CONTEXT, "archived")?,
@@ -294,9 +348,10 @@ impl Store for PgStore {
         self.round_trips.tick();
         let existing = sqlx::query(sql::CHAT_STATE)
             .bind(row.id.0)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&mut *conn)
             .await
             .map_err(|e| store_error(CONTEXT, e))?;
+        self.keep(conn);
         Ok(CreateOutcome::AlreadyExists(match existing {
             Some(r) => classify(
                 &get::<String>(&r, CONTEXT, "status")?,
@@ -310,14 +365,18 @@ impl Store for PgStore {
 
     async fn heartbeat(&self, chat: ChatId, runner: RunnerId) -> Result<bool, StoreError> {
         const CONTEXT: &str = "upsert heartbeat";
+        let mut conn = self.connection().await?;
         self.round_trips.tick();
         match sqlx::query(sql::HEARTBEAT)
             .bind(chat.0)
             .bind(runner.0)
-            .execute(&self.pool)
+            .execute(&mut *conn)
             .await
         {
-            Ok(done) => Ok(done.rows_affected() == 1),
+            Ok(done) => {
+                self.keep(conn);
+                Ok(done.rows_affected() == 1)
+            }
             // The chat was deleted between the existence check and the
             // foreign-key check: it does not exist.
             Err(e) if is_foreign_key_violation(&e) => Ok(false),
@@ -348,13 +407,17 @@ impl TestControl for PgStore {
     ) -> Result<(), StoreError> {
         const CONTEXT: &str = "set raw state";
         self.round_trips.tick();
-        sqlx::query(sql::SET_RAW_STATE)
+        let done = sqlx::query(sql::SET_RAW_STATE)
             .bind(chat.0)
             .bind(status.as_str())
             .bind(archived)
             .execute(&self.pool)
             .await
             .map_err(|e| store_error(CONTEXT, e))?;
+        if done.rows_affected() == 0 {
+            // As the in-memory store says it.
+            return Err(PgStoreFault::ChatNotFound(chat).into_store(CONTEXT));
+        }
         Ok(())
     }
 }

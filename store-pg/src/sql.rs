@@ -29,72 +29,42 @@ macro_rules! row_columns {
     };
 }
 
-/// The tool bookkeeping's input: the last active assistant message and
-/// every active tool message after it, as a JSON array of
-/// `{role, parts}` in id order (text). Parts are reduced in SQL to the
-/// fields the model's parser reads for tool calls and results (type, id,
-/// name, provider_executed), so arguments and outputs never cross the
-/// wire; `ToolState::observe` then folds them in Rust, so the rule stays
-/// the model's. Without any assistant message every active tool message
-/// counts, exactly as the fold over the whole history would.
-///
-/// `$chat` is the chat expression; `$bound_m` / `$bound_a` restrict the
-/// scanned messages (edit context: only those before the target).
-macro_rules! tool_tail {
-    ($chat:literal, $bound_m:literal, $bound_a:literal) => {
-        concat!(
-            "(SELECT coalesce(jsonb_agg(jsonb_build_object('role', t.role, 'parts', t.parts) \
-                 ORDER BY t.id), '[]'::jsonb)::text \
-              FROM (SELECT m.id, m.role, \
-                      (SELECT coalesce(jsonb_agg(jsonb_build_object( \
-                                  'type', p.e -> 'type', \
-                                  'tool_call_id', p.e -> 'tool_call_id', \
-                                  'tool_name', p.e -> 'tool_name', \
-                                  'provider_executed', p.e -> 'provider_executed') \
-                                ORDER BY p.o), '[]'::jsonb) \
-                         FROM jsonb_array_elements(CASE WHEN jsonb_typeof(m.content) = 'array' \
-                                                   THEN m.content ELSE '[]'::jsonb END) \
-                              WITH ORDINALITY AS p(e, o) \
-                        WHERE p.e ->> 'type' IN ('tool-call', 'tool-result')) AS parts \
-                    FROM chat_messages m \
-                   WHERE m.chat_id = ",
-            $chat,
-            " AND NOT m.deleted AND m.role IN ('assistant', 'tool') ",
-            $bound_m,
-            " AND m.id >= coalesce((SELECT a.id FROM chat_messages a \
-                                    WHERE a.chat_id = ",
-            $chat,
-            " AND a.role = 'assistant' AND NOT a.deleted ",
-            $bound_a,
-            " ORDER BY a.id DESC LIMIT 1), 0)) AS t)"
-        )
-    };
-}
-
 /// Everything a transition sees of a chat, read after the row lock is
 /// held: the row, the queue ids in order, the lease freshness, store time
 /// and the tool bookkeeping. `$1` chat, `$2` staleness threshold (µs).
 ///
+/// The queue ids and the tool bookkeeping come from the chat row
+/// (`queue_ids`, `tool_state`: migration 0002), written with every plan
+/// that changes the queue or the history, so neither table is read. A
+/// cache whose version is not the row's `queue_version` /
+/// `history_version` is stale (a chat from before that migration, or
+/// written by an older binary): then the select reads the tables instead,
+/// through functions that are called only in that case (a function call,
+/// unlike a subquery, costs nothing to set up when it is not evaluated).
+///
 /// It is a statement of its own, after the lock statement, on purpose:
 /// under READ COMMITTED a statement that had to wait for the row lock
 /// re-reads only the locked row at its newest version, while any subquery
-/// keeps the snapshot taken before the wait. Reading the queue and the
-/// history in the lock statement would return what the previous lock
-/// holder saw, not what it committed.
+/// keeps the snapshot taken before the wait. Reading the heartbeats (or,
+/// for a stale cache, the queue and the history) in the lock statement
+/// would return what the previous lock holder saw, not what it committed.
 macro_rules! include_snapshot_select {
     () => {
         concat!(
             "SELECT ",
             row_columns!(),
-            ", coalesce((SELECT array_agg(q.id ORDER BY q.position, q.id) \
-                  FROM chat_queued_messages q WHERE q.chat_id = c.id), '{}') AS queue, \
+            ", CASE WHEN c.queue_ids_version = c.queue_version THEN c.queue_ids \
+            ELSE chatstate_queue_ids(c.id) END AS queue, \
        (c.worker_id IS NOT NULL AND c.runner_id IS NOT NULL AND EXISTS ( \
            SELECT 1 FROM chat_heartbeats h \
             WHERE h.chat_id = c.id AND h.runner_id = c.runner_id \
               AND h.heartbeat_at > now() - interval '1 microsecond' * $2)) AS lease_fresh, \
-       (extract(epoch FROM now()) * 1000000)::bigint AS now_us, ",
-            tool_tail!("c.id", "", ""),
-            " AS tools FROM chats c WHERE c.id = $1"
+       (extract(epoch FROM now()) * 1000000)::bigint AS now_us, \
+       CASE WHEN c.tool_state_version = c.history_version THEN c.tool_state::text END \
+           AS tool_state, \
+       CASE WHEN c.tool_state_version = c.history_version THEN NULL \
+            ELSE chatstate_tool_tail(c.id, NULL) END AS tools \
+       FROM chats c WHERE c.id = $1"
         )
     };
 }
@@ -106,10 +76,13 @@ macro_rules! include_snapshot_select {
 /// Sending the snapshot select as text would make the server plan it on
 /// every Update, which costs more than executing it; `EXECUTE` of a
 /// statement prepared once per session reuses the plan.
+///
+/// `chatstate_set_version` writes a snapshot bump that no plan wrote (an
+/// Update without a row write; see [`crate::tx`]), in the commit message.
 pub(crate) const PREPARED: [(&str, &str); 4] = [
     (
-        "chatstate_bump",
-        "(uuid) AS UPDATE chats SET snapshot_version = snapshot_version + 1 WHERE id = $1",
+        "chatstate_set_version",
+        "(uuid, bigint) AS UPDATE chats SET snapshot_version = $2 WHERE id = $1",
     ),
     (
         "chatstate_lock_exclusive",
@@ -147,9 +120,10 @@ pub(crate) fn prepare_missing(existing: &[String]) -> String {
 /// How a transaction starts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Opening {
-    /// `BEGIN`, bump (exclusive row lock, FOR NO KEY UPDATE), snapshot.
+    /// `BEGIN`, FOR NO KEY UPDATE, snapshot; the snapshot is bumped.
     Update,
-    /// Bump and snapshot inside an open transaction (nested Update).
+    /// FOR NO KEY UPDATE and snapshot inside an open transaction (nested
+    /// Update); the snapshot is bumped.
     Nested,
     /// `BEGIN`, FOR NO KEY UPDATE, snapshot.
     Exclusive,
@@ -161,67 +135,55 @@ pub(crate) enum Opening {
 /// chat: one message, one round trip. The lock statement returns no
 /// columns, so the only row with columns is the snapshot's.
 ///
-/// An UPDATE that changes no key column takes a FOR NO KEY UPDATE row
-/// lock. It conflicts with FOR SHARE (ReadLock) and with itself (Update,
-/// Lock), but not with the FOR KEY SHARE lock that a foreign-key check
-/// takes, so heartbeat upserts never wait for an open Update.
+/// Update and Lock take the same FOR NO KEY UPDATE row lock (an Update's
+/// bump is written later, with the plan's row or with the commit; see
+/// [`crate::tx`]). It conflicts with FOR SHARE (ReadLock) and with itself
+/// (Update, Lock), but not with the FOR KEY SHARE lock that a foreign-key
+/// check takes, so heartbeat upserts never wait for an open Update.
 pub(crate) fn opening(opening: Opening, chat: uuid::Uuid, stale_us: i64) -> String {
     let lock = match opening {
-        Opening::Update => "BEGIN; EXECUTE chatstate_bump",
-        Opening::Nested => "EXECUTE chatstate_bump",
-        Opening::Exclusive => "BEGIN; EXECUTE chatstate_lock_exclusive",
+        Opening::Update | Opening::Exclusive => "BEGIN; EXECUTE chatstate_lock_exclusive",
+        Opening::Nested => "EXECUTE chatstate_lock_exclusive",
         Opening::Shared => "BEGIN; EXECUTE chatstate_lock_shared",
     };
     let chat = chat.hyphenated();
     format!("{lock}('{chat}'::uuid); EXECUTE chatstate_snapshot('{chat}'::uuid, {stale_us})")
 }
 
+/// The statement that writes a pending snapshot bump, for the commit
+/// message (the chat id is this crate's, the version an integer).
+pub(crate) fn set_version(chat: uuid::Uuid, version: i64) -> String {
+    format!(
+        "EXECUTE chatstate_set_version('{}'::uuid, {version}); ",
+        chat.hyphenated()
+    )
+}
+
 /// What EditMessage needs: the target (if active and in this chat), the
 /// active ids from it on, and the tool bookkeeping before it.
 /// `$1` chat, `$2` message id.
-pub(crate) const EDIT_CONTEXT: &str = concat!(
-    "SELECT t.role, t.visibility, t.model_config_id, \
-       coalesce((SELECT array_agg(m.id ORDER BY m.id) FROM chat_messages m \
-                  WHERE m.chat_id = $1 AND NOT m.deleted AND m.id >= $2), '{}') AS from_target, ",
-    tool_tail!("$1", "AND m.id < $2", "AND a.id < $2"),
-    " AS tools \
-     FROM (SELECT 1) AS one \
-     LEFT JOIN chat_messages t ON t.id = $2 AND t.chat_id = $1 AND NOT t.deleted"
-);
+/// The tool bookkeeping before the target is folded from the history
+/// tail before it (`chatstate_tool_tail`, migration 0002).
+pub(crate) const EDIT_CONTEXT: &str = "\
+SELECT t.role, t.visibility, t.model_config_id,
+       coalesce((SELECT array_agg(m.id ORDER BY m.id) FROM chat_messages m
+                  WHERE m.chat_id = $1 AND NOT m.deleted AND m.id >= $2), '{}') AS from_target,
+       chatstate_tool_tail($1, $2) AS tools
+  FROM (SELECT 1) AS one
+  LEFT JOIN chat_messages t ON t.id = $2 AND t.chat_id = $1 AND NOT t.deleted";
 
-/// The head of the message insert (the `inserted` CTE).
-macro_rules! insert_messages {
-    () => {
-        "inserted AS (
-    INSERT INTO chat_messages
-        (chat_id, role, content, visibility, model_config_id, created_by, queued_message_id, revision)
-    SELECT $1, n.role, n.content, n.visibility, n.model_config_id, n.created_by, n.queued_message_id, $2
-      FROM ("
-    };
-}
-
-/// The plan's messages, from the JSON array `$9`, with their ordinality.
-macro_rules! plan_messages {
-    () => {
-        "SELECT m.o AS ord, m.v ->> 'role' AS role, m.v -> 'content' AS content,
-                   m.v ->> 'visibility' AS visibility,
-                   (m.v ->> 'model_config_id')::uuid AS model_config_id,
-                   (m.v ->> 'created_by')::uuid AS created_by,
-                   NULL::bigint AS queued_message_id
-              FROM jsonb_array_elements($9::text::jsonb) WITH ORDINALITY AS m(v, o)"
-    };
-}
-
-/// The promoted queued row as a user message, ordered after every plan
-/// message: content and creator copied, its model configuration or else
-/// the chat's last one.
-macro_rules! promoted_message {
-    () => {
-        "SELECT 9223372036854775807 AS ord, 'user' AS role, p.content, 'both' AS visibility,
-                   coalesce(p.model_config_id, c.last_model_config_id) AS model_config_id,
-                   p.created_by, p.id AS queued_message_id
-              FROM promoted p CROSS JOIN chats c WHERE c.id = $1"
-    };
+/// How many messages a plan inserts from its own list (the promoted
+/// queued row aside).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) enum Messages {
+    /// None.
+    #[default]
+    None,
+    /// Exactly one and no promoted row: its fields are bound one by one
+    /// (`$27..$31`), which spares the server parsing a JSON array.
+    One,
+    /// Several, or one before a promoted row: a JSON array (`$9`).
+    Many,
 }
 
 /// Which parts of [`apply`] a plan needs.
@@ -236,56 +198,96 @@ pub(crate) struct Shape {
     /// A queued row to append.
     pub(crate) enqueue: bool,
     /// Messages to insert.
-    pub(crate) messages: bool,
+    pub(crate) messages: Messages,
     /// A queued row to promote.
     pub(crate) promote: bool,
     /// A heartbeat upsert.
     pub(crate) beat: bool,
     /// A row write.
     pub(crate) row: bool,
+    /// Without a row write: the Update's snapshot bump is still to be
+    /// written.
+    pub(crate) bump: bool,
 }
 
 impl Shape {
     /// Every shape, by index (for tests).
     #[cfg(test)]
     pub(crate) fn all() -> impl Iterator<Item = Shape> {
-        (0..256usize).map(|i| {
+        // Bits 4 and 5 are the message count (0, 1, 2: never 3).
+        (0..SHAPES).filter(|i| i & 0b11_0000 != 0b11_0000).map(|i| {
             let bit = |b: usize| i & (1 << b) != 0;
             Shape {
                 soft: bit(0),
                 reorder: bit(1),
                 dequeue: bit(2),
                 enqueue: bit(3),
-                messages: bit(4),
-                promote: bit(5),
-                beat: bit(6),
-                row: bit(7),
+                messages: match (bit(4), bit(5)) {
+                    (false, false) => Messages::None,
+                    (true, _) => Messages::One,
+                    (false, true) => Messages::Many,
+                },
+                promote: bit(6),
+                beat: bit(7),
+                row: bit(8),
+                bump: bit(9),
             }
         })
     }
 
+    /// True when the plan changes the history (inserts or soft-deletes
+    /// messages): the chat row's tool bookkeeping is written too.
+    pub(crate) fn history(self) -> bool {
+        self.soft || self.messages != Messages::None || self.promote
+    }
+
+    /// True when the plan changes the queue: the chat row's queue ids are
+    /// written too.
+    pub(crate) fn queue(self) -> bool {
+        self.reorder || self.dequeue || self.enqueue || self.promote
+    }
+
+    /// True when the statement writes the chat row (and so returns a row
+    /// only if the chat row was written).
+    pub(crate) fn writes_chat(self) -> bool {
+        self.row || self.bump || self.history() || self.queue()
+    }
+
+    /// True when the statement inserts history (and returns one row per
+    /// inserted message).
+    pub(crate) fn inserts(self) -> bool {
+        self.messages != Messages::None || self.promote
+    }
+
     fn index(self) -> usize {
+        let messages = match self.messages {
+            Messages::None => 0,
+            Messages::One => 1,
+            Messages::Many => 2,
+        };
         [
-            self.soft,
-            self.reorder,
-            self.dequeue,
-            self.enqueue,
-            self.messages,
-            self.promote,
-            self.beat,
-            self.row,
+            usize::from(self.soft),
+            usize::from(self.reorder) << 1,
+            usize::from(self.dequeue) << 2,
+            usize::from(self.enqueue) << 3,
+            messages << 4,
+            usize::from(self.promote) << 6,
+            usize::from(self.beat) << 7,
+            usize::from(self.row) << 8,
+            usize::from(self.bump) << 9,
         ]
         .iter()
-        .enumerate()
-        .map(|(bit, on)| usize::from(*on) << bit)
         .sum()
     }
 }
 
+/// Index bound of [`Shape`]s.
+const SHAPES: usize = 1 << 10;
+
 /// The statement that writes a plan of `shape`: one statement whatever
 /// the plan holds, made of the parts the plan needs. Its text depends on
-/// the shape only (a few dozen shapes at most), so each is prepared once
-/// per connection and reused; leaving out the parts a plan does not need
+/// the shape only (a few dozen shapes occur), so each is prepared once per
+/// connection and reused; leaving out the parts a plan does not need
 /// keeps the server from running empty scans and inserts on every Update.
 ///
 /// Every data-modifying CTE sees the same snapshot (the one before the
@@ -295,18 +297,33 @@ impl Shape {
 /// - `soft`: soft deletes, stamped with the plan's revision;
 /// - `reorder`: the reorder-to-head target gets the chat's minimum
 ///   position minus one (never a row this plan also deletes);
+/// - `promoted`: the promoted queued row, read;
 /// - `dequeue`: deleted queued rows and the promoted one;
 /// - `enqueue`: the appended queued row (its position comes from the
 ///   global sequence, so it is the tail);
-/// - `inserted`: the plan's messages in plan order, then the promoted row
-///   as a user message, in ONE insert ordered by ordinality so the ids
-///   follow that order (two inserts in one statement would run in no
-///   defined order);
 /// - `beat`: the heartbeat upsert at store time;
-/// - `row_write`: every execution-state column of the plan's row.
+/// - the chat row: every execution-state column of the plan's row (or,
+///   without a row change, only the snapshot version, which carries a
+///   pending bump), the tool bookkeeping with its version when the plan
+///   changes the history, the queue ids with their version when it changes
+///   the queue (the ids the plan keeps, in order, then the appended row's);
+/// - the history insert: the plan's messages in plan order, then the
+///   promoted row as a user message, in ONE insert ordered by ordinality
+///   so the ids follow that order (two inserts in one statement would run
+///   in no defined order).
 ///
-/// The final select returns the row counts, which the caller checks
-/// against the plan.
+/// The main statement is the cheapest that returns what the caller
+/// checks, without aggregating over the chat-row write:
+///
+/// - with history to insert: the insert, fed by the chat-row write's
+///   `RETURNING` (a CTE), returning one row per message: no row at all
+///   means the chat row was not written;
+/// - else, with a chat-row write: that `UPDATE`, returning one row;
+/// - else (a heartbeat alone): a `SELECT`.
+///
+/// Each returned row also carries the counts of the other parts present
+/// (`soft_deleted`, `reordered`, `dequeued`, `beats`) and the appended
+/// queued id (`queued_id`), which the caller checks against the plan.
 ///
 /// Parameters (the same for every shape; a shape may leave some unused):
 /// `$1` chat, `$2` revision, `$3` soft deletes, `$4` reorder target, `$5`
@@ -315,21 +332,88 @@ impl Shape {
 /// queued id, `$11` heartbeat runner, `$12..$24` the row's status,
 /// archived, worker, runner, last_error, retry_state, generation_attempt,
 /// deadline (µs), compaction marker (µs), snapshot, history, queue and
-/// retry-state versions.
+/// retry-state versions, `$25` the tool bookkeeping afterwards (JSON),
+/// `$26` the queue afterwards without the appended row, `$27..$31` the
+/// single message's role, content (JSON text), visibility, model config
+/// and creator.
 pub(crate) fn apply(shape: Shape) -> &'static str {
-    static TEXTS: [std::sync::OnceLock<String>; 256] = [const { std::sync::OnceLock::new() }; 256];
+    static TEXTS: [std::sync::OnceLock<String>; SHAPES] =
+        [const { std::sync::OnceLock::new() }; SHAPES];
     TEXTS[shape.index()].get_or_init(|| apply_text(shape))
 }
 
-fn apply_text(shape: Shape) -> String {
-    let mut ctes: Vec<&str> = Vec::new();
-    let mut cols: Vec<&str> = Vec::new();
-    let mut part = |on: bool, cte: &'static str, col: &'static str, off: &'static str| {
-        if on {
-            ctes.push(cte);
-            cols.push(col);
+/// The `SET` list of the chat-row write.
+fn chat_sets(shape: Shape) -> String {
+    let mut sets = vec![if shape.row {
+        "status = $12, archived = $13, worker_id = $14, runner_id = $15,
+        last_error = $16::text::jsonb, retry_state = $17::text::jsonb, generation_attempt = $18,
+        requires_action_deadline_at = 'epoch'::timestamptz + $19::bigint * interval '1 microsecond',
+        compaction_requested_at = 'epoch'::timestamptz + $20::bigint * interval '1 microsecond',
+        snapshot_version = $21, history_version = $22, queue_version = $23,
+        retry_state_version = $24, updated_at = now()"
+    } else {
+        "snapshot_version = $21"
+    }];
+    if shape.history() {
+        sets.push("tool_state = $25::text::jsonb, tool_state_version = $22");
+    }
+    if shape.queue() {
+        sets.push(if shape.enqueue {
+            "queue_ids = array_append($26::bigint[], (SELECT id FROM enqueue)), \
+             queue_ids_version = $23"
         } else {
-            cols.push(off);
+            "queue_ids = $26::bigint[], queue_ids_version = $23"
+        });
+    }
+    sets.join(",\n        ")
+}
+
+/// The rows the history insert takes (`chat_id` from the chat-row write).
+fn history_source(shape: Shape) -> &'static str {
+    const PLAN_MESSAGES: &str =
+        "SELECT m.o AS ord, m.v ->> 'role' AS role, m.v -> 'content' AS content,
+                   m.v ->> 'visibility' AS visibility,
+                   (m.v ->> 'model_config_id')::uuid AS model_config_id,
+                   (m.v ->> 'created_by')::uuid AS created_by,
+                   NULL::bigint AS queued_message_id
+              FROM jsonb_array_elements($9::text::jsonb) WITH ORDINALITY AS m(v, o)";
+    // The promoted queued row as a user message, after every plan message:
+    // content and creator copied, its model configuration or else the
+    // chat's last one.
+    const PROMOTED: &str = "SELECT 9223372036854775807 AS ord, 'user' AS role, p.content,
+                   'both' AS visibility,
+                   coalesce(p.model_config_id, c.last_model_config_id) AS model_config_id,
+                   p.created_by, p.id AS queued_message_id
+              FROM promoted p CROSS JOIN chats c WHERE c.id = $1";
+    const COLUMNS: &str = "SELECT w.id, n.role, n.content, n.visibility, n.model_config_id, \
+                           n.created_by, n.queued_message_id, $2\n      FROM written w CROSS JOIN (";
+    static TEXTS: [std::sync::OnceLock<String>; 3] = [const { std::sync::OnceLock::new() }; 3];
+    match (shape.messages, shape.promote) {
+        (Messages::One, false) => {
+            "SELECT w.id, $27::text, $28::text::jsonb, $29::text, $30::uuid, $31::uuid, \
+             NULL::bigint, $2 FROM written w"
+        }
+        (Messages::None, _) => TEXTS[0].get_or_init(|| format!("{COLUMNS}{PROMOTED}) AS n")),
+        (_, false) => {
+            TEXTS[1].get_or_init(|| format!("{COLUMNS}{PLAN_MESSAGES}) AS n ORDER BY n.ord"))
+        }
+        (_, true) => TEXTS[2].get_or_init(|| {
+            format!(
+                "{COLUMNS}{PLAN_MESSAGES}\n             UNION ALL {PROMOTED}) AS n ORDER BY n.ord"
+            )
+        }),
+    }
+}
+
+fn apply_text(shape: Shape) -> String {
+    let mut ctes: Vec<String> = Vec::new();
+    let mut cols: Vec<&str> = Vec::new();
+    let mut part = |on: bool, cte: &str, col: &'static str| {
+        if on {
+            ctes.push(cte.to_owned());
+            if !col.is_empty() {
+                cols.push(col);
+            }
         }
     };
     part(
@@ -339,7 +423,6 @@ fn apply_text(shape: Shape) -> String {
      WHERE chat_id = $1 AND id = ANY($3::bigint[]) AND NOT deleted
     RETURNING id)",
         "(SELECT count(*) FROM soft) AS soft_deleted",
-        "0::bigint AS soft_deleted",
     );
     part(
         shape.reorder,
@@ -350,14 +433,12 @@ fn apply_text(shape: Shape) -> String {
        AND NOT (id = ANY($5::bigint[])) AND id IS DISTINCT FROM $10::bigint
     RETURNING id)",
         "(SELECT count(*) FROM reorder) AS reordered",
-        "0::bigint AS reordered",
     );
     part(
         shape.promote,
         "promoted AS (
     SELECT q.id, q.content, q.model_config_id, q.created_by
       FROM chat_queued_messages q WHERE q.chat_id = $1 AND q.id = $10::bigint)",
-        "",
         "",
     );
     part(
@@ -367,7 +448,6 @@ fn apply_text(shape: Shape) -> String {
      WHERE chat_id = $1 AND (id = ANY($5::bigint[]) OR id = $10::bigint)
     RETURNING id)",
         "(SELECT count(*) FROM dequeue) AS dequeued",
-        "0::bigint AS dequeued",
     );
     part(
         shape.enqueue,
@@ -376,33 +456,6 @@ fn apply_text(shape: Shape) -> String {
     VALUES ($1, $6::text::jsonb, $7::uuid, $8::uuid)
     RETURNING id)",
         "(SELECT id FROM enqueue) AS queued_id",
-        "NULL::bigint AS queued_id",
-    );
-    let inserted = match (shape.messages, shape.promote) {
-        (false, false) => None,
-        (true, false) => Some(concat!(
-            insert_messages!(),
-            plan_messages!(),
-            ") AS n ORDER BY n.ord RETURNING id)"
-        )),
-        (false, true) => Some(concat!(
-            insert_messages!(),
-            promoted_message!(),
-            ") AS n RETURNING id)"
-        )),
-        (true, true) => Some(concat!(
-            insert_messages!(),
-            plan_messages!(),
-            " UNION ALL ",
-            promoted_message!(),
-            ") AS n ORDER BY n.ord RETURNING id)"
-        )),
-    };
-    part(
-        inserted.is_some(),
-        inserted.unwrap_or_default(),
-        "coalesce((SELECT array_agg(id ORDER BY id) FROM inserted), '{}') AS message_ids",
-        "'{}'::bigint[] AS message_ids",
     );
     part(
         shape.beat,
@@ -412,25 +465,43 @@ fn apply_text(shape: Shape) -> String {
     ON CONFLICT (chat_id, runner_id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at
     RETURNING 1)",
         "(SELECT count(*) FROM beat) AS beats",
-        "0::bigint AS beats",
     );
-    part(
-        shape.row,
-        "row_write AS (
-    UPDATE chats SET
-        status = $12, archived = $13, worker_id = $14, runner_id = $15,
-        last_error = $16::text::jsonb, retry_state = $17::text::jsonb, generation_attempt = $18,
-        requires_action_deadline_at = 'epoch'::timestamptz + $19::bigint * interval '1 microsecond',
-        compaction_requested_at = 'epoch'::timestamptz + $20::bigint * interval '1 microsecond',
-        snapshot_version = $21, history_version = $22, queue_version = $23,
-        retry_state_version = $24, updated_at = now()
-     WHERE id = $1
-    RETURNING 1)",
-        "(SELECT count(*) FROM row_write) AS rows_written",
-        "0::bigint AS rows_written",
+    let chat_write = format!(
+        "UPDATE chats SET\n        {}\n     WHERE id = $1",
+        chat_sets(shape)
     );
-    let cols: Vec<&str> = cols.into_iter().filter(|c| !c.is_empty()).collect();
-    format!("WITH {} SELECT {}", ctes.join(", "), cols.join(", "))
+    let with = |ctes: &[String]| {
+        if ctes.is_empty() {
+            String::new()
+        } else {
+            format!("WITH {}\n", ctes.join(",\n"))
+        }
+    };
+    let returning = |first: &str| {
+        let mut all = vec![first];
+        all.extend(cols.iter().copied());
+        all.join(", ")
+    };
+    if shape.inserts() {
+        ctes.push(format!("written AS (\n    {chat_write}\n    RETURNING id)"));
+        format!(
+            "{}INSERT INTO chat_messages
+    (chat_id, role, content, visibility, model_config_id, created_by, queued_message_id, revision)
+{}
+RETURNING {}",
+            with(&ctes),
+            history_source(shape),
+            returning("id")
+        )
+    } else if shape.writes_chat() {
+        format!(
+            "{}{chat_write}\nRETURNING {}",
+            with(&ctes),
+            returning("1 AS written")
+        )
+    } else {
+        format!("{}SELECT {}", with(&ctes), returning("1 AS written"))
+    }
 }
 
 /// Creates a chat with its initial history and metadata in one statement
@@ -444,17 +515,22 @@ fn apply_text(shape: Shape) -> String {
 /// compaction marker (µs), snapshot, history, queue and retry-state
 /// versions, `$16` dynamic tools (JSON), `$17` last model config, `$18`
 /// title, `$19` labels (JSON), `$20` metadata (JSON), `$21` messages (JSON
-/// array), `$22` revision, `$23` channels, `$24` payloads.
+/// array), `$22` revision, `$23` channels, `$24` payloads, `$25` the tool
+/// bookkeeping of the initial messages (JSON). The row's caches (migration
+/// 0002) start valid: the tool bookkeeping at the history version, the
+/// empty queue at the queue version.
 pub(crate) const CREATE_CHAT: &str = "\
 WITH new_chat AS (
     INSERT INTO chats (id, owner_id, status, archived, worker_id, runner_id, last_error, retry_state,
                        generation_attempt, requires_action_deadline_at, compaction_requested_at,
                        snapshot_version, history_version, queue_version, retry_state_version,
-                       dynamic_tools, last_model_config_id, title, labels, metadata)
+                       dynamic_tools, last_model_config_id, title, labels, metadata,
+                       tool_state, tool_state_version, queue_ids, queue_ids_version)
     VALUES ($1, $2, $3, $4, $5, $6, $7::text::jsonb, $8::text::jsonb, $9,
             'epoch'::timestamptz + $10::bigint * interval '1 microsecond',
             'epoch'::timestamptz + $11::bigint * interval '1 microsecond',
-            $12, $13, $14, $15, $16::text::jsonb, $17, $18, $19::text::jsonb, $20::text::jsonb)
+            $12, $13, $14, $15, $16::text::jsonb, $17, $18, $19::text::jsonb, $20::text::jsonb,
+            $25::text::jsonb, $13, '{}', $14)
     ON CONFLICT (id) DO NOTHING
     RETURNING id
 ), new_messages AS (
@@ -553,13 +629,17 @@ mod tests {
         assert_eq!(
             opening(Opening::Update, id, 30_000_000),
             format!(
-                "BEGIN; EXECUTE chatstate_bump({nil}); \
+                "BEGIN; EXECUTE chatstate_lock_exclusive({nil}); \
                  EXECUTE chatstate_snapshot({nil}, 30000000)"
             )
         );
-        assert!(opening(Opening::Nested, id, 1).starts_with("EXECUTE chatstate_bump("));
+        assert!(opening(Opening::Nested, id, 1).starts_with("EXECUTE chatstate_lock_exclusive("));
         assert!(opening(Opening::Shared, id, 1).contains("chatstate_lock_shared"));
         assert!(opening(Opening::Exclusive, id, 1).contains("chatstate_lock_exclusive"));
+        assert_eq!(
+            set_version(id, 7),
+            format!("EXECUTE chatstate_set_version({nil}, 7); ")
+        );
     }
 
     #[test]
@@ -567,18 +647,18 @@ mod tests {
         let all = prepare_missing(&[]);
         assert_eq!(all.matches("PREPARE ").count(), PREPARED.len());
         assert!(all.contains("PREPARE chatstate_snapshot (uuid, bigint) AS SELECT c.id"));
-        let some = prepare_missing(&["chatstate_bump".to_owned()]);
-        assert!(!some.contains("chatstate_bump"));
+        let some = prepare_missing(&["chatstate_set_version".to_owned()]);
+        assert!(!some.contains("chatstate_set_version"));
         assert_eq!(some.matches("PREPARE ").count(), PREPARED.len() - 1);
     }
 
     #[test]
     fn shapes_index_uniquely() {
         let mut seen = std::collections::BTreeSet::new();
-        for shape in Shape::all() {
-            assert!(seen.insert(shape.index()));
+        for (i, shape) in Shape::all().enumerate() {
+            assert!(seen.insert(shape.index()), "{i}: {shape:?}");
         }
-        assert_eq!(seen.len(), 256);
+        assert_eq!(seen.len(), SHAPES * 3 / 4);
     }
 
     /// Every shape's statement parses and type-checks on the server, with
@@ -596,7 +676,8 @@ mod tests {
             .unwrap();
         const TYPES: &str = "uuid, bigint, bigint[], bigint, bigint[], text, uuid, uuid, text, \
                              bigint, uuid, text, bool, uuid, uuid, text, text, bigint, bigint, \
-                             bigint, bigint, bigint, bigint, bigint";
+                             bigint, bigint, bigint, bigint, bigint, text, bigint[], text, text, \
+                             text, uuid, uuid";
         for shape in Shape::all().filter(|s| *s != Shape::default()) {
             let text = format!("PREPARE s({TYPES}) AS {}; DEALLOCATE s", apply(shape));
             sqlx::raw_sql(AssertSqlSafe(text))

@@ -5,7 +5,34 @@
 //! counter. A transaction handle that is dropped while its transaction is
 //! open (a cancelled Update future, an error half-way) never goes back to
 //! the pool: its connection is closed instead, so the server rolls the
-//! transaction back and no later user inherits it.
+//! transaction back and no later user inherits it. A handle whose
+//! transaction ended hands its connection back to the store (see
+//! `idle.rs`).
+//!
+//! # The snapshot bump
+//!
+//! An Update's bump of `snapshot_version` is taken by the opening (the
+//! snapshot handed to the machine carries the bumped version) but written
+//! later, by the first statement that writes the chat row anyway: the
+//! plan's row write, which sets every version from the plan, or, when no
+//! plan writes the row, one `EXECUTE chatstate_set_version` in the commit
+//! message. The row lock is held from the opening on and nobody else sees
+//! the row before the commit, so this is observably the same as bumping
+//! first; [`StoreTx::load`] reports the bumped version too. It saves one
+//! row update (a new row version, its constraint checks and WAL) per
+//! Update, and no round trip is added.
+//!
+//! # The snapshot caches
+//!
+//! The chat row carries the queue ids and the tool bookkeeping (migration
+//! 0002), so the opening reads no other table. Every plan that changes
+//! the queue or the history rewrites them, with the version they belong
+//! to, in the statement that writes the plan: the queue the plan leaves
+//! ([`Plan::queue_after`] of the queue this transaction holds, then the id
+//! the server gives an appended row) and the plan's tool bookkeeping
+//! ([`Plan::tools`], the pure model's). The in-memory store derives both
+//! from its tables instead, so the conformance tests would catch a cache
+//! that strays.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,7 +40,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use chatstate::{ChatRecord, MetadataPatch, StoreError, StoreTx};
 use chatstate_model::{
     Assigned, ChatId, EditContext, EditTarget, JsonText, MAX_PAYLOAD_BYTES, MessageId,
-    Notification, Options, Plan, QueuedMessageId, Snapshot, content_to_value,
+    Notification, Options, Plan, QueuedMessageId, Snapshot, ToolState, content_to_value,
 };
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::PgRow;
@@ -21,6 +48,7 @@ use sqlx::{AssertSqlSafe, Postgres};
 
 use crate::decode::{self, get};
 use crate::error::{PgStoreFault, store_error};
+use crate::idle::IdleConnections;
 use crate::jsonb;
 use crate::sql::{self, Opening};
 
@@ -67,17 +95,33 @@ pub(crate) fn micros(d: std::time::Duration) -> i64 {
 /// Dropping it without [`StoreTx::commit`] or [`StoreTx::rollback`] closes
 /// its connection, which makes the server roll the transaction back.
 pub struct PgTx {
-    conn: PoolConnection<Postgres>,
+    /// `Some` until dropped.
+    conn: Option<PoolConnection<Postgres>>,
+    /// Where the connection goes after the transaction.
+    idle: Arc<IdleConnections>,
     round_trips: RoundTrips,
     /// The server holds an open transaction for this handle.
     open: bool,
     /// A statement failed, so the server has aborted the transaction.
     aborted: bool,
     /// Chats this transaction locked exclusively (Update, nested Update,
-    /// Lock); only these may be written.
-    exclusive: Vec<ChatId>,
+    /// Lock), with their snapshot versions; only these may be written.
+    exclusive: Vec<Versioned>,
     /// Chats this transaction locked at all.
     locked: Vec<ChatId>,
+}
+
+/// The snapshot version of an exclusively locked chat: as stored (in this
+/// transaction) and as it must be at commit (one more per Update opened on
+/// it).
+#[derive(Clone, Debug)]
+struct Versioned {
+    chat: ChatId,
+    stored: i64,
+    target: i64,
+    /// The queue as this transaction left it (the plans' writes keep the
+    /// chat row's copy of it).
+    queue: Vec<QueuedMessageId>,
 }
 
 impl std::fmt::Debug for PgTx {
@@ -96,7 +140,11 @@ impl Drop for PgTx {
             // Returning the connection to the pool would hand an open (and
             // possibly mid-statement) transaction to the next user. Closing
             // it ends the session, and the server rolls back.
-            self.conn.close_on_drop();
+            if let Some(conn) = &mut self.conn {
+                conn.close_on_drop();
+            }
+        } else if let Some(conn) = self.conn.take() {
+            self.idle.put(conn);
         }
     }
 }
@@ -107,13 +155,15 @@ impl PgTx {
     /// left open (one more round trip: `ROLLBACK`).
     pub(crate) async fn open(
         conn: PoolConnection<Postgres>,
+        idle: Arc<IdleConnections>,
         round_trips: RoundTrips,
         opening: Opening,
         chat: ChatId,
         options: &Options,
     ) -> Result<Option<(PgTx, Snapshot)>, StoreError> {
         let mut tx = PgTx {
-            conn,
+            conn: Some(conn),
+            idle,
             round_trips,
             // Set before BEGIN is sent: if this future is dropped while the
             // request is in flight, Drop must not return the connection.
@@ -142,7 +192,7 @@ impl PgTx {
         let text = sql::opening(opening, chat.0, micros(options.heartbeat_stale));
         self.round_trips.tick();
         let rows = match sqlx::raw_sql(AssertSqlSafe(text.clone()))
-            .fetch_all(&mut *self.conn)
+            .fetch_all(&mut **self.conn())
             .await
         {
             Ok(rows) => rows,
@@ -154,7 +204,7 @@ impl PgTx {
                 self.round_trips.tick();
                 let names =
                     sqlx::raw_sql(AssertSqlSafe(format!("ROLLBACK; {}", sql::PREPARED_NAMES)))
-                        .fetch_all(&mut *self.conn)
+                        .fetch_all(&mut **self.conn())
                         .await
                         .map_err(|e| self.failed(CONTEXT, e))?;
                 let names: Vec<String> = names
@@ -162,7 +212,7 @@ impl PgTx {
                     .map(|r| get(r, CONTEXT, "name"))
                     .collect::<Result<_, _>>()?;
                 self.round_trips.tick();
-                prepare(&mut self.conn, &names)
+                prepare(self.conn(), &names)
                     .await
                     .map_err(|e| self.failed(CONTEXT, e))?;
                 self.simple(CONTEXT, text).await?
@@ -173,12 +223,39 @@ impl PgTx {
         let Some(row) = rows.iter().rev().find(|r| !sqlx::Row::is_empty(*r)) else {
             return Ok(None);
         };
-        let snap = decode::snapshot(row, CONTEXT)?;
-        self.locked.push(chat);
-        if opening != Opening::Shared {
-            self.exclusive.push(chat);
+        let mut snap = decode::snapshot(row, CONTEXT)?;
+        if !self.locked.contains(&chat) {
+            self.locked.push(chat);
+        }
+        let bump = i64::from(matches!(opening, Opening::Update | Opening::Nested));
+        match self.exclusive.iter_mut().find(|v| v.chat == chat) {
+            // Locked exclusively before (a nested Update of a chat this
+            // transaction holds): one more bump on top of the pending ones.
+            Some(v) => {
+                v.target += bump;
+                snap.row.versions.snapshot = v.target;
+                v.queue.clone_from(&snap.queue);
+            }
+            None if opening != Opening::Shared => {
+                let stored = snap.row.versions.snapshot;
+                self.exclusive.push(Versioned {
+                    chat,
+                    stored,
+                    target: stored + bump,
+                    queue: snap.queue.clone(),
+                });
+                snap.row.versions.snapshot = stored + bump;
+            }
+            None => {}
         }
         Ok(Some(snap))
+    }
+
+    /// The connection (present until the handle is dropped).
+    fn conn(&mut self) -> &mut PoolConnection<Postgres> {
+        self.conn
+            .as_mut()
+            .expect("the connection is taken only on drop")
     }
 
     /// Sends a simple query (several statements, one round trip).
@@ -189,7 +266,7 @@ impl PgTx {
     ) -> Result<Vec<PgRow>, StoreError> {
         self.round_trips.tick();
         sqlx::raw_sql(AssertSqlSafe(text))
-            .fetch_all(&mut *self.conn)
+            .fetch_all(&mut **self.conn())
             .await
             .map_err(|e| self.failed(context, e))
     }
@@ -200,12 +277,16 @@ impl PgTx {
         store_error(context, e)
     }
 
-    fn require_exclusive(&self, chat: ChatId, context: &'static str) -> Result<(), StoreError> {
-        if self.exclusive.contains(&chat) {
-            Ok(())
-        } else {
-            Err(PgStoreFault::NotLocked.into_store(context))
-        }
+    /// The versions of a chat this transaction locked exclusively.
+    fn require_exclusive(
+        &mut self,
+        chat: ChatId,
+        context: &'static str,
+    ) -> Result<&mut Versioned, StoreError> {
+        self.exclusive
+            .iter_mut()
+            .find(|v| v.chat == chat)
+            .ok_or_else(|| PgStoreFault::NotLocked.into_store(context))
     }
 
     fn require_locked(&self, chat: ChatId, context: &'static str) -> Result<(), StoreError> {
@@ -220,7 +301,7 @@ impl PgTx {
     async fn rollback_now(&mut self, context: &'static str) -> Result<(), StoreError> {
         self.round_trips.tick();
         sqlx::raw_sql("ROLLBACK")
-            .execute(&mut *self.conn)
+            .execute(&mut **self.conn())
             .await
             .map_err(|e| store_error(context, e))?;
         self.open = false;
@@ -304,6 +385,12 @@ pub(crate) fn stored_json(j: &JsonText) -> String {
     jsonb::encode_text(&j.to_value())
 }
 
+/// The stored JSON text of the tool bookkeeping (the `tool_state` column).
+pub(crate) fn tool_state_json(tools: &ToolState) -> String {
+    let value = serde_json::to_value(tools).expect("tool bookkeeping serialises to JSON");
+    jsonb::encode_text(&value)
+}
+
 /// A message as the insert statements read it (one element of a JSON
 /// array).
 pub(crate) fn message_json(m: &chatstate_model::NewMessage) -> serde_json::Value {
@@ -349,27 +436,53 @@ fn writes_nothing(plan: &Plan) -> bool {
 impl StoreTx for PgTx {
     async fn apply(&mut self, chat: ChatId, plan: &Plan) -> Result<Assigned, StoreError> {
         const CONTEXT: &str = "apply plan";
-        self.require_exclusive(chat, CONTEXT)?;
+        let versioned = self.require_exclusive(chat, CONTEXT)?;
         if writes_nothing(plan) {
+            // A pending bump waits for the commit.
             return Ok(Assigned::default());
         }
+        let stored = versioned.stored;
         let row = &plan.row;
-        let ids = |v: &[MessageId]| v.iter().map(|m| m.0).collect::<Vec<i64>>();
-        let qids = |v: &[QueuedMessageId]| v.iter().map(|q| q.0).collect::<Vec<i64>>();
-        let messages =
-            serde_json::Value::Array(plan.messages.iter().map(message_json).collect()).to_string();
-        let append = plan.append_queued.as_ref();
-        self.round_trips.tick();
         let shape = sql::Shape {
             soft: !plan.soft_delete.is_empty(),
             reorder: plan.reorder_to_head.is_some(),
             dequeue: !plan.delete_queued.is_empty() || plan.promote.is_some(),
-            enqueue: append.is_some(),
-            messages: !plan.messages.is_empty(),
+            enqueue: plan.append_queued.is_some(),
+            // One message on its own binds its fields; with a promoted row
+            // after it, or more, the messages go as a JSON array.
+            messages: match plan.messages.len() {
+                0 => sql::Messages::None,
+                1 if plan.promote.is_none() => sql::Messages::One,
+                _ => sql::Messages::Many,
+            },
             promote: plan.promote.is_some(),
             beat: plan.heartbeat.is_some(),
             row: plan.row_changed,
+            // A row write sets the version anyway; without one, a pending
+            // bump rides along with this statement instead of the commit.
+            bump: !plan.row_changed && stored != row.versions.snapshot,
         };
+        // The queue the plan leaves, but for the appended row (whose id the
+        // statement appends): kept on the chat row with the queue.
+        let queue_after = shape.queue().then(|| {
+            plan.queue_after(&versioned.queue, None)
+                .iter()
+                .map(|q| q.0)
+                .collect::<Vec<i64>>()
+        });
+        let ids = |v: &[MessageId]| v.iter().map(|m| m.0).collect::<Vec<i64>>();
+        let qids = |v: &[QueuedMessageId]| v.iter().map(|q| q.0).collect::<Vec<i64>>();
+        let append = plan.append_queued.as_ref();
+        let single = match plan.messages.as_slice() {
+            [one] if shape.messages == sql::Messages::One => Some(one),
+            _ => None,
+        };
+        let messages = (shape.messages == sql::Messages::Many).then(|| {
+            serde_json::Value::Array(plan.messages.iter().map(message_json).collect()).to_string()
+        });
+        // The tool bookkeeping goes with every change of the history (the
+        // snapshot reads it instead of folding the history).
+        let tools = shape.history().then(|| tool_state_json(&plan.tools));
         let query = sqlx::query(sql::apply(shape))
             .bind(chat.0)
             .bind(row.versions.snapshot)
@@ -382,49 +495,91 @@ impl StoreTx for PgTx {
             .bind(messages)
             .bind(plan.promote.map(|q| q.0))
             .bind(plan.heartbeat.map(|r| r.0));
-        let result = bind_row(query, row).fetch_one(&mut *self.conn).await;
-        let out = result.map_err(|e| self.failed(CONTEXT, e))?;
+        let query = bind_row(query, row)
+            .bind(tools)
+            .bind(queue_after)
+            .bind(single.map(|m| m.role.as_str()))
+            .bind(single.map(|m| jsonb::encode_text(&content_to_value(&m.content))))
+            .bind(single.map(|m| m.visibility.as_str()))
+            .bind(single.and_then(|m| m.model_config_id))
+            .bind(single.and_then(|m| m.created_by));
+        self.round_trips.tick();
+        let result = query.fetch_all(&mut **self.conn()).await;
+        let rows = result.map_err(|e| self.failed(CONTEXT, e))?;
         // The plan was decided on the snapshot this transaction locked, so
         // every part must touch exactly the rows it names. Anything else
         // means the chat was written outside a transition; the caller's
-        // error rolls the whole transaction back.
+        // error rolls the whole transaction back. The statement returns
+        // rows only if it wrote the chat row (one per inserted message, or
+        // one).
+        let Some(out) = rows.first() else {
+            return Err(PgStoreFault::PlanMismatch {
+                what: if shape.inserts() {
+                    "row write with history insert"
+                } else {
+                    "row write"
+                },
+                expected: if shape.inserts() {
+                    plan.inserted_len()
+                } else {
+                    1
+                },
+                actual: 0,
+            }
+            .into_store(CONTEXT));
+        };
+        let counted = |on: bool, col: &str| -> Result<usize, StoreError> {
+            if on { count(out, CONTEXT, col) } else { Ok(0) }
+        };
         check_rows(
             "soft deletes",
             plan.soft_delete.len(),
-            count(&out, CONTEXT, "soft_deleted")?,
+            counted(shape.soft, "soft_deleted")?,
         )?;
         check_rows(
             "queue reorder",
             usize::from(plan.reorder_to_head.is_some()),
-            count(&out, CONTEXT, "reordered")?,
+            counted(shape.reorder, "reordered")?,
         )?;
         check_rows(
             "queue deletes",
             plan.delete_queued.len() + usize::from(plan.promote.is_some()),
-            count(&out, CONTEXT, "dequeued")?,
+            counted(shape.dequeue, "dequeued")?,
         )?;
         check_rows(
             "heartbeat",
             usize::from(plan.heartbeat.is_some()),
-            count(&out, CONTEXT, "beats")?,
+            counted(shape.beat, "beats")?,
         )?;
-        check_rows(
-            "row write",
-            usize::from(plan.row_changed),
-            count(&out, CONTEXT, "rows_written")?,
-        )?;
-        let inserted: Vec<i64> = get(&out, CONTEXT, "message_ids")?;
+        let mut inserted = Vec::new();
+        if shape.inserts() {
+            for r in &rows {
+                inserted.push(get::<i64>(r, CONTEXT, "id")?);
+            }
+            // Ids follow insertion order, which is plan order.
+            inserted.sort_unstable();
+        }
         check_rows("message inserts", plan.inserted_len(), inserted.len())?;
-        let queued: Option<i64> = get(&out, CONTEXT, "queued_id")?;
+        let queued: Option<i64> = if shape.enqueue {
+            get(out, CONTEXT, "queued_id")?
+        } else {
+            None
+        };
         check_rows(
             "queue append",
             usize::from(plan.append_queued.is_some()),
             usize::from(queued.is_some()),
         )?;
-        Ok(Assigned {
+        let assigned = Assigned {
             messages: inserted.into_iter().map(MessageId).collect(),
             queued: queued.map(QueuedMessageId),
-        })
+        };
+        let versioned = self.require_exclusive(chat, CONTEXT)?;
+        if shape.writes_chat() {
+            versioned.stored = row.versions.snapshot;
+        }
+        versioned.queue = plan.queue_after(&versioned.queue, assigned.queued);
+        Ok(assigned)
     }
 
     async fn edit_context(
@@ -438,7 +593,7 @@ impl StoreTx for PgTx {
         let row = sqlx::query(sql::EDIT_CONTEXT)
             .bind(chat.0)
             .bind(message.0)
-            .fetch_one(&mut *self.conn)
+            .fetch_one(&mut **self.conn())
             .await
             .map_err(|e| self.failed(CONTEXT, e))?;
         let role: Option<String> = get(&row, CONTEXT, "role")?;
@@ -477,23 +632,29 @@ impl StoreTx for PgTx {
         self.round_trips.tick();
         let row = sqlx::query(sql::LOAD_ROW)
             .bind(chat.0)
-            .fetch_one(&mut *self.conn)
+            .fetch_one(&mut **self.conn())
             .await
             .map_err(|e| self.failed(CONTEXT, e))?;
         self.round_trips.tick();
         let queue = sqlx::query(sql::LOAD_QUEUE)
             .bind(chat.0)
-            .fetch_all(&mut *self.conn)
+            .fetch_all(&mut **self.conn())
             .await
             .map_err(|e| self.failed(CONTEXT, e))?;
         self.round_trips.tick();
         let history = sqlx::query(sql::LOAD_HISTORY)
             .bind(chat.0)
-            .fetch_all(&mut *self.conn)
+            .fetch_all(&mut **self.conn())
             .await
             .map_err(|e| self.failed(CONTEXT, e))?;
+        let mut chat_row = decode::chat_row(&row, CONTEXT)?;
+        // The row as this transaction's Updates left it, their bumps
+        // included even if not written yet.
+        if let Some(v) = self.exclusive.iter().find(|v| v.chat == chat) {
+            chat_row.versions.snapshot = v.target;
+        }
         Ok(ChatRecord {
-            row: decode::chat_row(&row, CONTEXT)?,
+            row: chat_row,
             metadata: decode::metadata(&row, CONTEXT)?,
             queue: queue
                 .iter()
@@ -531,7 +692,7 @@ impl StoreTx for PgTx {
             .bind(labels)
             .bind(patch.metadata.is_some())
             .bind(metadata)
-            .execute(&mut *self.conn)
+            .execute(&mut **self.conn())
             .await
             .map_err(|e| self.failed(CONTEXT, e))?;
         check_rows("metadata", 1, done.rows_affected() as usize)
@@ -545,15 +706,22 @@ impl StoreTx for PgTx {
             self.rollback_now(CONTEXT).await?;
             return Err(PgStoreFault::TransactionAborted.into_store(CONTEXT));
         }
-        let mut text = match notify_statements(notify) {
+        let notifications = match notify_statements(notify) {
             Ok(text) => text,
             Err(fault) => {
                 self.rollback_now(CONTEXT).await?;
                 return Err(fault.into_store(CONTEXT));
             }
         };
-        // NOTIFY is transactional: Postgres delivers these only if this
-        // COMMIT succeeds, in order, and never on rollback.
+        // The bumps no plan wrote (an Update without a row write), then
+        // the notifications: NOTIFY is transactional, so Postgres delivers
+        // them only if this COMMIT succeeds, in order, and never on
+        // rollback.
+        let mut text = String::new();
+        for v in self.exclusive.iter().filter(|v| v.stored != v.target) {
+            text.push_str(&sql::set_version(v.chat.0, v.target));
+        }
+        text.push_str(&notifications);
         text.push_str("COMMIT");
         self.simple(CONTEXT, text).await?;
         self.open = false;

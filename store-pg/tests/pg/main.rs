@@ -3,6 +3,7 @@
 //! `DATABASE_URL`); without either, every test fails with an error naming
 //! both remedies.
 
+mod caches;
 mod common;
 mod faults;
 mod locking;
