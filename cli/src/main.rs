@@ -4,8 +4,7 @@
 //! and a `run` function returning the process exit code; `main` only parses
 //! and dispatches. Adding a subcommand means one new module and one variant
 //! of [`Command`]. Modules shared by subcommands: [`trace`] (the trace
-//! format), [`oracle`] (re-checking committed Updates against the model)
-//! and [`pg`] (where `--store pg` finds its database).
+//! format) and [`pg`] (where `--store pg` finds its database).
 
 use std::process::ExitCode;
 
@@ -16,7 +15,6 @@ mod check;
 mod demo;
 mod explore;
 mod matrix;
-mod oracle;
 mod pg;
 mod replay;
 mod simulate;

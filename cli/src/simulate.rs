@@ -13,7 +13,8 @@
 //!
 //! Every task draws its choices from its own RNG seeded from `--seed`, so
 //! the choices are reproducible; the interleaving is not (it is real
-//! concurrency). The committed history is checked by [`crate::oracle`].
+//! concurrency). The committed history is checked by the model's oracle,
+//! [`chatstate_model::oracle`].
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
@@ -25,18 +26,18 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use chatstate::{
-    BusyBehavior, ChatId, ChatMachine, ChatRecord, CreateChat, Error, ExecutionState, Input,
-    JsonText, MessageId, NewMessage, Notify, Options, Outcome, Owner, Part, PublishError,
-    Publisher, Rejection, Role, RunnerId, Store, ToolResultInput, Transition, Tx, WorkerId,
-    create_chat,
+    BusyBehavior, ChatId, ChatMachine, CreateChat, Error, ExecutionState, Input, JsonText,
+    MessageId, NewMessage, Notify, Options, Outcome, Owner, Part, PublishError, Publisher,
+    Rejection, Role, RunnerId, Store, ToolResultInput, Transition, Tx, WorkerId, create_chat,
+};
+use chatstate_model::oracle::{
+    self, CommittedUpdate, Config, CreatedChat, Published, StoredChat, Verdict,
 };
 use chatstate_model::{Call, NewChat, Notification};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::sync::broadcast;
-
-use crate::oracle::{self, CommittedUpdate, CreatedChat, Verdict};
 
 /// Arguments of `chatstate simulate`.
 #[derive(Debug, Clone, clap::Args)]
@@ -158,10 +159,11 @@ enum Stop {
 // ---------------------------------------------------------------------------
 // Shared state
 
-/// Publishes after commit: remembers every notification by (chat,
-/// snapshot) for the oracle and forwards ownership hints to the workers.
+/// Publishes after commit: remembers every notification, as sent, by
+/// (chat, snapshot) for the oracle and forwards ownership hints to the
+/// workers.
 struct SimPublisher {
-    seen: Mutex<HashMap<(ChatId, i64), Vec<Notification>>>,
+    seen: Mutex<HashMap<(ChatId, i64), Vec<Published>>>,
     hints: AtomicU64,
     hint_tx: broadcast::Sender<ChatId>,
 }
@@ -182,7 +184,10 @@ impl Publisher for SimPublisher {
             .expect("publisher lock")
             .entry((n.chat_id(), n.snapshot_version()))
             .or_default()
-            .push(n);
+            .push(Published {
+                channel: channel.to_owned(),
+                payload: payload.to_vec(),
+            });
         Ok(())
     }
 }
@@ -391,6 +396,8 @@ async fn attempt<S: Store, T>(
                 calls: log.calls,
                 outcomes: log.outcomes,
                 end,
+                // Taken from the publisher's record at the end.
+                published: Vec::new(),
             });
             Attempted::Committed(value)
         }
@@ -490,6 +497,8 @@ async fn create<S: Store>(
                     messages,
                 },
                 ids: created.messages,
+                // Taken from the publisher's record at the end.
+                published: Vec::new(),
             });
             sh.registry.lock().expect("registry").push(id);
             Some(id)
@@ -1126,17 +1135,35 @@ async fn run_on<S: Store>(store: S, args: &Args, seed: u64, stop: Stop) -> anyho
     bar.finish_and_clear();
 
     // Every task has stopped: read each chat once more and check it all.
-    let mut finals: HashMap<ChatId, ChatRecord> = HashMap::new();
+    let mut finals: BTreeMap<ChatId, StoredChat> = BTreeMap::new();
     for c in &stats.created {
         if let Ok(record) = sh.machine(c.new.id).load().await {
-            finals.insert(c.new.id, record);
+            let stored = StoredChat {
+                row: record.row,
+                queue: record.queue,
+                history: record.history,
+            };
+            finals.insert(c.new.id, stored);
         }
     }
     let published = std::mem::take(&mut *sh.publisher.seen.lock().expect("publisher lock"));
-    let committed = std::mem::take(&mut stats.committed);
-    let created = std::mem::take(&mut stats.created);
+    let published_at = |chat, snapshot| published.get(&(chat, snapshot)).cloned();
+    let mut committed = std::mem::take(&mut stats.committed);
+    let mut created = std::mem::take(&mut stats.created);
+    for c in &mut created {
+        c.published = published_at(c.new.id, 1).unwrap_or_default();
+    }
+    for u in &mut committed {
+        u.published = published_at(u.chat, u.snapshot).unwrap_or_default();
+    }
     let chats = created.len();
-    let verdict = oracle::check(&options, created, committed, &published, &finals);
+    // Each Update is replayed at the store time it saw, so times compare
+    // exactly on either store.
+    let config = Config {
+        options,
+        exact_time: true,
+    };
+    let verdict = oracle::check(&config, &created, &committed, &finals);
     let mut latencies = std::mem::take(&mut stats.latencies_us);
     latencies.sort_unstable();
     Ok(Summary {

@@ -22,6 +22,7 @@ mod rules;
 mod state;
 mod transition;
 
+pub mod oracle;
 pub mod render;
 
 #[cfg(feature = "check")]

@@ -7,30 +7,33 @@
 //! contended. Every committed Update is recorded with the calls it applied
 //! (store ids), their outcomes and what it published.
 //!
-//! The oracle, per chat: the committed Updates ordered by snapshot version
-//! have versions 2, 3, ... without gaps or duplicates and end at the final
-//! snapshot (so every rejected Update left no trace); replayed in that order
-//! through the model's `update`, with store ids mapped to model ids as the
-//! replay goes, they commit with the same outcomes and the same
-//! notifications (byte for byte), and end in exactly the stored chat; and a
-//! receiver keeping a [`HighWaterMark`] over everything published ends on
-//! the last committed snapshot, whatever order or duplication it sees.
+//! The oracle is the model's ([`chatstate_model::oracle`]), per chat: the
+//! committed Updates ordered by snapshot version have versions 2, 3, ...
+//! without gaps or duplicates and end at the final snapshot (so every
+//! rejected Update left no trace); replayed in that order through the
+//! model's `update`, with store ids mapped to model ids as the replay goes,
+//! they commit with the same outcomes, end their callbacks at the same
+//! snapshots and publish the same notifications (byte for byte), and end in
+//! exactly the stored chat. Besides, a receiver keeping a [`HighWaterMark`]
+//! over everything published ends on the last committed snapshot, whatever
+//! order or duplication it sees.
 //!
-//! The store's clock stands still during a round, so every lease a worker
-//! acquires stays fresh and the hint decisions are deterministic given the
-//! order; heartbeats exercise the lock-free path without changing that.
+//! The store's clock stands still during a round (on the in-memory store;
+//! Postgres's moves by far less than a heartbeat's staleness), so every
+//! lease a worker acquires stays fresh and the hint decisions are
+//! deterministic given the order; heartbeats exercise the lock-free path
+//! without changing that. Every Update asserts so when it locks the row, and
+//! on the in-memory store every Update must see the round's time.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use chatstate::{
     BroadcastPublisher, ChatMachine, CreateChat, Error, HighWaterMark, Notify, PublishError,
-    Published, Publisher, RecordingPublisher, Store, create_chat,
+    Publisher, RecordingPublisher, Store, create_chat,
 };
-use chatstate_model::{
-    Call, Chat, ChatId, Input, MessageId, NewChat, Notification, Outcome, Owner, QueuedMessageId,
-    RunnerId, StepEnv, Timestamp, WorkerId, update,
-};
+use chatstate_model::oracle::{self, CommittedUpdate, CreatedChat, StoredChat};
+use chatstate_model::{Call, ChatId, Input, Notification, Owner, RunnerId, WorkerId};
 use proptest::strategy::{Strategy, ValueTree};
 use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
 use rand::rngs::StdRng;
@@ -40,8 +43,8 @@ use uuid::Uuid;
 
 use crate::Backend;
 use crate::conformance::{Facts, spec_any, valid_calls};
-use crate::sut::{IdMap, Sut, exact_time, map_ids};
-use crate::world::{CallSpec, Foreign, Msg, Text, UNKNOWN_ID, View, World, options, resolve};
+use crate::sut::exact_time;
+use crate::world::{CallSpec, Foreign, Msg, Text, View, World, options, resolve};
 
 /// The shape of one fuzzing round.
 #[derive(Clone, Copy, Debug)]
@@ -76,14 +79,8 @@ pub struct Entry {
     pub task: usize,
     /// The task's operation number.
     pub op: usize,
-    /// The snapshot version it committed.
-    pub snapshot: i64,
-    /// The calls, with store ids.
-    pub calls: Vec<Call>,
-    /// Their outcomes.
-    pub outcomes: Vec<Outcome>,
-    /// What it published.
-    pub published: Vec<Published>,
+    /// The Update, for the oracle.
+    pub update: CommittedUpdate,
 }
 
 /// Publishes to the task's own recorder and to the shared bus.
@@ -190,6 +187,16 @@ async fn run_task<S: Store>(
             };
             let got = m
                 .update(async |tx| {
+                    let snap = tx.snapshot();
+                    let (now, lease_fresh) = (snap.now, snap.lease_fresh);
+                    // The clock stands still (or nearly): a lease is fresh
+                    // exactly when the chat is owned.
+                    if lease_fresh != snap.row.owner.is_some() {
+                        return Err(Error::callback(format!(
+                            "locked with lease_fresh {lease_fresh}, owner {:?}",
+                            snap.row.owner
+                        )));
+                    }
                     let mut outcomes = Vec::new();
                     for _ in 0..bundles {
                         let rec = tx.load().await?;
@@ -228,21 +235,25 @@ async fn run_task<S: Store>(
                             });
                         }
                     }
-                    Ok((tx.row().versions.snapshot, outcomes))
+                    Ok((now, lease_fresh, outcomes, tx.snapshot().clone()))
                 })
                 .await;
             match got {
-                Ok((snapshot, outcomes)) => {
-                    let published = own.published();
-                    own.clear();
+                Ok((now, lease_fresh, outcomes, end)) => {
                     log.lock().expect("log").push(Entry {
                         chat,
                         task,
                         op,
-                        snapshot,
-                        calls,
-                        outcomes,
-                        published,
+                        update: CommittedUpdate {
+                            chat: m.chat_id(),
+                            snapshot: end.row.versions.snapshot,
+                            now,
+                            lease_fresh,
+                            calls,
+                            outcomes,
+                            end,
+                            published: sent(&own),
+                        },
                     });
                 }
                 Err(Error::Rejected(_)) => report.rejected += 1,
@@ -273,133 +284,26 @@ fn lock_consistent(snap: &chatstate::Snapshot, rec: &chatstate::ChatRecord) -> R
     Ok(())
 }
 
-fn time(exact: bool, t: Option<Timestamp>) -> Option<Timestamp> {
-    if exact { t } else { t.map(|_| Timestamp(0)) }
-}
-
-/// Replays a chat's committed Updates, in snapshot order, through the
-/// model, checking versions, outcomes and notifications on the way.
-fn replay(
-    new: &NewChat,
-    created: &[MessageId],
-    entries: &[&Entry],
-    env: &StepEnv<'_>,
-    exact: bool,
-) -> Result<Chat, String> {
-    let mut model = Chat::create(new).map_err(|e| format!("create: {e}"))?;
-    let mut msgs: BTreeMap<i64, i64> = created
-        .iter()
-        .enumerate()
-        .map(|(i, id)| (id.0, i as i64 + 1))
+/// What `own` recorded, for the oracle, forgetting it.
+fn sent(own: &RecordingPublisher) -> Vec<oracle::Published> {
+    let sent = own
+        .published()
+        .into_iter()
+        .map(|p| oracle::Published {
+            channel: p.channel,
+            payload: p.payload,
+        })
         .collect();
-    let mut queued = IdMap::default();
-    for e in entries {
-        let want = model.row.versions.snapshot + 1;
-        if e.snapshot != want {
-            return Err(format!(
-                "snapshot {} committed after snapshot {} (a gap or a duplicate)",
-                e.snapshot,
-                want - 1
-            ));
-        }
-        // The model numbers the rows an Update inserts consecutively from
-        // its counters; pair the store's ids with those first, so calls
-        // naming rows inserted earlier in the same Update translate.
-        let mut next_msg = model.next_message_id;
-        let mut next_queued = model.next_queued_id;
-        for o in &e.outcomes {
-            if let Some(s) = o.queued {
-                queued.pair(s.0, next_queued)?;
-                next_queued += 1;
-            }
-            for s in &o.inserted {
-                msgs.insert(s.0, next_msg);
-                next_msg += 1;
-            }
-        }
-        let calls: Vec<Call> = e
-            .calls
-            .iter()
-            .map(|c| Call {
-                input: map_ids(
-                    &c.input,
-                    |id| MessageId(msgs.get(&id.0).copied().unwrap_or(UNKNOWN_ID)),
-                    |id| QueuedMessageId(queued.model(id.0).unwrap_or(UNKNOWN_ID)),
-                ),
-                fence: c.fence,
-            })
-            .collect();
-        let done = update(Some(&model), &calls, env).map_err(|r| {
-            format!(
-                "snapshot {} (task {} op {}) committed in the store, the model rejects it: {r}",
-                e.snapshot, e.task, e.op
-            )
-        })?;
-        if done.outcomes.len() != e.outcomes.len() {
-            return Err(format!("snapshot {}: outcome count differs", e.snapshot));
-        }
-        for (g, w) in e.outcomes.iter().zip(&done.outcomes) {
-            if g.inserted.len() != w.inserted.len() {
-                return Err(format!(
-                    "snapshot {}: {} inserted {} messages, the model {}",
-                    e.snapshot,
-                    g.transition,
-                    g.inserted.len(),
-                    w.inserted.len()
-                ));
-            }
-            let mut g = g.clone();
-            let msg = |id: MessageId| MessageId(msgs.get(&id.0).copied().unwrap_or(-1));
-            let q = |id: QueuedMessageId| QueuedMessageId(queued.model(id.0).unwrap_or(-1));
-            g.inserted = g.inserted.iter().map(|id| msg(*id)).collect();
-            g.deleted_messages = g.deleted_messages.iter().map(|id| msg(*id)).collect();
-            g.queued = g.queued.map(q);
-            g.deleted_queued = g.deleted_queued.iter().map(|id| q(*id)).collect();
-            if let Some(p) = &mut g.promoted {
-                p.queued = q(p.queued);
-                p.message = msg(p.message);
-            }
-            g.requires_action_deadline = time(exact, g.requires_action_deadline);
-            let mut w = w.clone();
-            w.requires_action_deadline = time(exact, w.requires_action_deadline);
-            if g != w {
-                return Err(format!(
-                    "snapshot {}: outcome differs:\nstore {g:#?}\nmodel {w:#?}",
-                    e.snapshot
-                ));
-            }
-        }
-        let want: Vec<Published> = done
-            .notifications
-            .iter()
-            .map(|n| Published {
-                channel: n.channel(),
-                payload: n.payload(),
-            })
-            .collect();
-        if want != e.published {
-            return Err(format!(
-                "snapshot {}: published {:?}, the model {:?}",
-                e.snapshot,
-                e.published
-                    .iter()
-                    .map(|p| String::from_utf8_lossy(&p.payload).into_owned())
-                    .collect::<Vec<_>>(),
-                want.iter()
-                    .map(|p| String::from_utf8_lossy(&p.payload).into_owned())
-                    .collect::<Vec<_>>()
-            ));
-        }
-        model = done.chat;
-    }
-    Ok(model)
+    own.clear();
+    sent
 }
 
 fn schedule(entries: &[&Entry]) -> String {
     entries
         .iter()
         .map(|e| {
-            let calls: Vec<String> = e
+            let u = &e.update;
+            let calls: Vec<String> = u
                 .calls
                 .iter()
                 .map(|c| {
@@ -410,14 +314,14 @@ fn schedule(entries: &[&Entry]) -> String {
                     )
                 })
                 .collect();
-            let outs: Vec<String> = e
+            let outs: Vec<String> = u
                 .outcomes
                 .iter()
                 .map(|o| format!("{}->{}", o.from, o.to))
                 .collect();
             format!(
                 "  snapshot {:>3} task {} op {:>2}: [{}] {}",
-                e.snapshot,
+                u.snapshot,
                 e.task,
                 e.op,
                 calls.join(", "),
@@ -445,8 +349,12 @@ pub async fn round<B: Backend>(backend: &B, seed: u64, shape: Shape) -> (usize, 
     world.options = options();
     let bus = Arc::new(BroadcastPublisher::new(1 << 16));
     let mut receiver = bus.subscribe();
+    let creator = Arc::new(RecordingPublisher::new());
+    let create_notify = Notify::AfterCommit(Arc::new(Tee {
+        own: creator.clone(),
+        bus: bus.clone(),
+    }));
     let mut created = Vec::new();
-    let mut news = Vec::new();
     for i in 0..shape.chats {
         let msgs = vec![
             Msg::Text {
@@ -459,7 +367,7 @@ pub async fn round<B: Backend>(backend: &B, seed: u64, shape: Shape) -> (usize, 
         let new = world.new_chat(i as u8, &msgs, true, i % 2 == 0);
         let c = create_chat(
             &store,
-            &Notify::AfterCommit(bus.clone()),
+            &create_notify,
             CreateChat {
                 id: Some(new.id),
                 owner_id: new.owner_id,
@@ -471,8 +379,11 @@ pub async fn round<B: Backend>(backend: &B, seed: u64, shape: Shape) -> (usize, 
         )
         .await
         .expect("create chat");
-        created.push(c.messages);
-        news.push(new);
+        created.push(CreatedChat {
+            new,
+            ids: c.messages,
+            published: sent(&creator),
+        });
     }
     let log = Arc::new(Mutex::new(Vec::new()));
     let mut handles = Vec::new();
@@ -515,49 +426,82 @@ pub async fn round<B: Backend>(backend: &B, seed: u64, shape: Shape) -> (usize, 
         .expect("tasks done")
         .into_inner()
         .expect("log");
-    let fail = |what: String, entries: &[&Entry]| -> ! {
+    let fail = |what: String| -> ! {
         panic!(
-            "concurrency fuzz on {} (seed {seed}, {shape:?}): {what}\nschedule:\n{}",
-            backend.name(),
-            schedule(entries)
+            "concurrency fuzz on {} (seed {seed}, {shape:?}): {what}",
+            backend.name()
         )
     };
+    // What went wrong, and the schedule: one chat's committed Updates in
+    // snapshot order, or (`None`) every chat's in the order they were logged.
+    let with_schedule = |what: String, chat: Option<ChatId>| -> String {
+        let mut entries: Vec<&Entry> = log
+            .iter()
+            .filter(|e| chat.is_none_or(|c| e.update.chat == c))
+            .collect();
+        if chat.is_some() {
+            entries.sort_by_key(|e| e.update.snapshot);
+        }
+        format!("{what}\nschedule:\n{}", schedule(&entries))
+    };
     if !failures.is_empty() {
-        let all: Vec<&Entry> = log.iter().collect();
-        fail(failures.join("\n"), &all);
+        fail(with_schedule(failures.join("\n"), None));
+    }
+    if exact {
+        // The clock stood still: every Update ran at the round's time.
+        if let Some(e) = log.iter().find(|e| e.update.now != world.now) {
+            fail(with_schedule(
+                format!(
+                    "snapshot {} of chat{} ran at {:?}, not at the round's {:?}",
+                    e.update.snapshot, e.chat, e.update.now, world.now
+                ),
+                Some(e.update.chat),
+            ));
+        }
     }
 
-    // Replay every chat's committed history through the model.
-    let base = world.clone();
-    let env = base.env();
-    for i in 0..shape.chats {
-        let mut entries: Vec<&Entry> = log.iter().filter(|e| e.chat == i).collect();
-        entries.sort_by_key(|e| e.snapshot);
-        match replay(&news[i], &created[i], &entries, &env, exact) {
-            Ok(chat) => world.chats[i] = Some(chat),
-            Err(e) => fail(format!("chat{i}: {e}"), &entries),
-        }
-    }
-    // The stored chats are exactly the replayed ones, and every rejected
-    // Update left no trace: the final snapshot counts committed ones only.
-    let mut sut = Sut::new(store.clone(), &world, exact);
-    if let Err(e) = sut.verify_all(&world).await {
-        let all: Vec<&Entry> = log.iter().collect();
-        fail(format!("final state: {e}"), &all);
-    }
-    let mut finals = BTreeMap::new();
+    // Read every chat once more and replay its committed history through
+    // the model.
+    let mut stored = BTreeMap::new();
     for (i, id) in ids.iter().enumerate() {
-        let snapshot = sut.cached(i).expect("verified").row.versions.snapshot;
-        let committed = log.iter().filter(|e| e.chat == i).count() as i64;
-        if snapshot != 1 + committed {
-            let entries: Vec<&Entry> = log.iter().filter(|e| e.chat == i).collect();
-            fail(
-                format!("chat{i}: final snapshot {snapshot} after {committed} committed updates"),
-                &entries,
-            );
+        let machine = ChatMachine::new(
+            store.clone(),
+            Notify::AfterCommit(bus.clone()),
+            *id,
+            world.options,
+        );
+        match machine.load().await {
+            Ok(r) => {
+                let chat = StoredChat {
+                    row: r.row,
+                    queue: r.queue,
+                    history: r.history,
+                };
+                stored.insert(*id, chat);
+            }
+            Err(e) => fail(with_schedule(
+                format!("chat{i}: final read: {e}"),
+                Some(*id),
+            )),
         }
-        finals.insert(*id, snapshot);
     }
+    let config = oracle::Config {
+        options: world.options,
+        exact_time: exact,
+    };
+    let verdict = oracle::check(&config, &created, log.iter().map(|e| &e.update), &stored);
+    if !verdict.violations.is_empty() {
+        let each: Vec<String> = verdict
+            .violations
+            .iter()
+            .map(|v| with_schedule(format!("{v:#}"), Some(v.chat)))
+            .collect();
+        fail(each.join("\n"));
+    }
+    let finals: BTreeMap<ChatId, i64> = stored
+        .iter()
+        .map(|(id, chat)| (*id, chat.row.versions.snapshot))
+        .collect();
 
     // A receiver with a high-water mark ends on the last committed snapshot,
     // live and whatever order or duplication it is given.
@@ -574,8 +518,8 @@ pub async fn round<B: Backend>(backend: &B, seed: u64, shape: Shape) -> (usize, 
     }
     let mut shuffled: Vec<Notification> = log
         .iter()
-        .flat_map(|e| e.published.iter())
-        .map(|p| p.notification().expect("well-formed payload"))
+        .flat_map(|e| e.update.published.iter())
+        .map(|p| Notification::parse(&p.channel, &p.payload).expect("well-formed payload"))
         .collect();
     let extra: Vec<Notification> = shuffled.iter().step_by(3).cloned().collect();
     shuffled.extend(extra);
@@ -588,14 +532,13 @@ pub async fn round<B: Backend>(backend: &B, seed: u64, shape: Shape) -> (usize, 
         for (what, hwm) in [("live", &live), ("shuffled", &replayed)] {
             // The creation published snapshot 1; later ones count too.
             if hwm.mark(*id) != *snapshot && !(hwm.mark(*id) == 0 && *snapshot == 1) {
-                let all: Vec<&Entry> = log.iter().collect();
-                fail(
+                fail(with_schedule(
                     format!(
                         "{what} receiver ended chat {id} at {} instead of {snapshot}",
                         hwm.mark(*id)
                     ),
-                    &all,
-                );
+                    None,
+                ));
             }
         }
     }
