@@ -478,24 +478,18 @@ async fn create<S: Store>(
             ..NewMessage::user(format!("user {index} opens with {i}"))
         })
         .collect();
-    let input = CreateChat {
-        id: Some(id),
+    let new = NewChat {
+        id,
         owner_id: me,
         dynamic_tools: [DYNAMIC_TOOL.to_owned()].into(),
-        messages: messages.clone(),
-        ..CreateChat::default()
+        last_model_config_id: None,
+        messages,
     };
-    match create_chat(&sh.store, &sh.notify, input).await {
+    match create_chat(&sh.store, &sh.notify, CreateChat::from(new.clone())).await {
         Ok(created) => {
             *st.calls.entry((Transition::CreateChat, "ok")).or_default() += 1;
             st.created.push(CreatedChat {
-                new: NewChat {
-                    id,
-                    owner_id: me,
-                    dynamic_tools: [DYNAMIC_TOOL.to_owned()].into(),
-                    last_model_config_id: None,
-                    messages,
-                },
+                new,
                 ids: created.messages,
                 // Taken from the publisher's record at the end.
                 published: Vec::new(),

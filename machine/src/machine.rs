@@ -652,6 +652,21 @@ pub struct CreateChat {
     pub messages: Vec<NewMessage>,
 }
 
+impl From<NewChat> for CreateChat {
+    /// The model's creation input, with its id and empty metadata (the
+    /// model does not hold metadata).
+    fn from(new: NewChat) -> Self {
+        CreateChat {
+            id: Some(new.id),
+            owner_id: new.owner_id,
+            dynamic_tools: new.dynamic_tools,
+            last_model_config_id: new.last_model_config_id,
+            metadata: ChatMetadata::default(),
+            messages: new.messages,
+        }
+    }
+}
+
 /// A created chat.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Created {

@@ -365,20 +365,9 @@ pub async fn round<B: Backend>(backend: &B, seed: u64, shape: Shape) -> (usize, 
             1 + i % 2
         ];
         let new = world.new_chat(i as u8, &msgs, true, i % 2 == 0);
-        let c = create_chat(
-            &store,
-            &create_notify,
-            CreateChat {
-                id: Some(new.id),
-                owner_id: new.owner_id,
-                dynamic_tools: new.dynamic_tools.clone(),
-                last_model_config_id: new.last_model_config_id,
-                metadata: Default::default(),
-                messages: new.messages.clone(),
-            },
-        )
-        .await
-        .expect("create chat");
+        let c = create_chat(&store, &create_notify, CreateChat::from(new.clone()))
+            .await
+            .expect("create chat");
         created.push(CreatedChat {
             new,
             ids: c.messages,

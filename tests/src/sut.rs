@@ -217,14 +217,7 @@ impl<S: Store + TestControl> Sut<S> {
                     create_chat(
                         &self.store,
                         &Notify::AfterCommit(self.publisher.clone()),
-                        CreateChat {
-                            id: Some(new.id),
-                            owner_id: new.owner_id,
-                            dynamic_tools: new.dynamic_tools.clone(),
-                            last_model_config_id: new.last_model_config_id,
-                            metadata: Default::default(),
-                            messages: new.messages.clone(),
-                        },
+                        CreateChat::from(new),
                     )
                     .await,
                 )

@@ -9,11 +9,11 @@ use chatstate::{
     create_chat,
 };
 use chatstate_model::{
-    ChatId, ChatStatus, ExecutionState, JsonText, MessageId, NewMessage, Options, Owner, Part,
-    QueuedMessageId, Role, RunnerId, ToolResultInput, WorkerId,
+    ChatId, ChatStatus, ExecutionState, JsonText, MessageId, NewMessage, Notification, Options,
+    Owner, OwnershipHint, Part, QueuedMessageId, Role, RunnerId, ToolResultInput, WorkerId,
 };
-use chatstate_store_pg::PgStore;
 use chatstate_store_pg::throwaway::Cluster;
+use chatstate_store_pg::{ListenerEvent, PgNotifyListener, PgStore};
 use sqlx::PgPool;
 
 /// The dynamic (client-executed) tool of every test chat.
@@ -228,4 +228,34 @@ pub(crate) async fn snapshot_version(pool: &PgPool, chat: ChatId) -> i64 {
         chat,
     )
     .await
+}
+
+/// How long a test waits for a notification before failing (a hang guard,
+/// never a way to let something happen).
+pub(crate) const GUARD: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The listener's next event.
+pub(crate) async fn next(listener: &mut PgNotifyListener) -> ListenerEvent {
+    tokio::time::timeout(GUARD, listener.recv())
+        .await
+        .expect("no notification arrived")
+        .expect("listener failed")
+}
+
+/// A marker: an ownership hint for a chat that does not exist, published
+/// in autocommit. Postgres delivers notifications in commit order, so a
+/// listener that hears the marker first has heard nothing committed
+/// before it. Distinct `n` give distinct markers.
+pub(crate) async fn send_marker(pool: &PgPool, n: i64) -> Notification {
+    let hint = Notification::Ownership(OwnershipHint {
+        chat_id: ChatId(uuid::Uuid::from_u128(n as u128)),
+        snapshot_version: n,
+    });
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(hint.channel())
+        .bind(String::from_utf8(hint.payload()).unwrap())
+        .execute(pool)
+        .await
+        .unwrap();
+    hint
 }

@@ -1,24 +1,13 @@
 //! Faults: a backend killed in the middle of an Update, a cancelled Update
 //! future, Invalid rows.
 
-use std::time::Duration;
-
 use chatstate::{Error, StoreErrorKind};
-use chatstate_model::{
-    ChatId, ChatStatus, ExecutionState, Notification, OwnershipHint, RejectionKind,
-};
+use chatstate_model::{ChatStatus, ExecutionState, RejectionKind};
 use chatstate_store_pg::{ListenerEvent, PgNotifyListener, PgStore};
 use sqlx::PgPool;
 use tokio::sync::oneshot;
 
-use crate::common::{Step, fx, snapshot_version};
-
-async fn next(listener: &mut PgNotifyListener) -> ListenerEvent {
-    tokio::time::timeout(Duration::from_secs(30), listener.recv())
-        .await
-        .expect("no notification arrived")
-        .expect("listener failed")
-}
+use crate::common::{Step, fx, next, send_marker, snapshot_version};
 
 /// The backend of the one transaction of this database that is idle in
 /// a transaction (the Update paused in its callback).
@@ -91,16 +80,7 @@ async fn killed_backend_fails_the_update_applies_and_publishes_nothing() {
         );
 
         // Nothing published: a marker sent now is the first thing heard.
-        let marker = Notification::Ownership(OwnershipHint {
-            chat_id: ChatId::new_random(),
-            snapshot_version: 1,
-        });
-        sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(marker.channel())
-            .bind(String::from_utf8(marker.payload()).unwrap())
-            .execute(&pool)
-            .await
-            .unwrap();
+        let marker = send_marker(&pool, before).await;
         assert_eq!(
             next(&mut listener).await,
             ListenerEvent::Notification(marker)

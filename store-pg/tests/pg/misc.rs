@@ -12,7 +12,7 @@ use chatstate_model::{
 use chatstate_store_pg::goshape::GoShapedOutcome;
 use chatstate_store_pg::{ListenerEvent, PgNotifyListener};
 
-use crate::common::{Step, fx};
+use crate::common::{Step, fx, next, send_marker};
 
 #[tokio::test]
 async fn create_twice_is_rejected_and_notifies_once() {
@@ -51,10 +51,7 @@ async fn create_twice_is_rejected_and_notifies_once() {
             .map(|id| (*id, 1))
             .collect::<Vec<_>>()
     );
-    let hint = tokio::time::timeout(Duration::from_secs(30), listener.recv())
-        .await
-        .unwrap()
-        .unwrap();
+    let hint = next(&mut listener).await;
     assert_eq!(
         hint,
         ListenerEvent::Notification(Notification::Ownership(OwnershipHint {
@@ -86,21 +83,11 @@ async fn create_twice_is_rejected_and_notifies_once() {
             .len(),
         2
     );
-    let marker = Notification::Ownership(OwnershipHint {
-        chat_id: chatstate_model::ChatId::new_random(),
-        snapshot_version: 7,
-    });
-    sqlx::query("SELECT pg_notify($1, $2)")
-        .bind(marker.channel())
-        .bind(String::from_utf8(marker.payload()).unwrap())
-        .execute(&pool)
-        .await
-        .unwrap();
-    let next = tokio::time::timeout(Duration::from_secs(30), listener.recv())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(next, ListenerEvent::Notification(marker));
+    let marker = send_marker(&pool, 7).await;
+    assert_eq!(
+        next(&mut listener).await,
+        ListenerEvent::Notification(marker)
+    );
 }
 
 #[tokio::test]
@@ -323,10 +310,7 @@ async fn nested_updates_commit_and_publish_together() {
     assert_eq!(fx.store.round_trips() - before, 5);
     let mut got = Vec::new();
     for _ in 0..2 {
-        let event = tokio::time::timeout(Duration::from_secs(30), listener.recv())
-            .await
-            .unwrap()
-            .unwrap();
+        let event = next(&mut listener).await;
         let ListenerEvent::Notification(n) = event else {
             panic!("unexpected {event:?}");
         };

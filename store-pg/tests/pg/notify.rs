@@ -2,26 +2,12 @@
 //! after commit, never on rollback, in commit order; a killed listener
 //! reconnects and its receiver can detect the gap.
 
-use std::time::Duration;
-
 use chatstate::{Error, HighWaterMark};
-use chatstate_model::{ChatId, Notification, OwnershipHint};
+use chatstate_model::{ChatId, Notification};
 use chatstate_store_pg::{LISTENER_APPLICATION_NAME, ListenerEvent, PgNotifyListener};
-use sqlx::PgPool;
 use tokio::sync::oneshot;
 
-use crate::common::{Step, fx};
-
-/// How long a test waits for a notification before failing (a hang guard,
-/// never a way to let something happen).
-const GUARD: Duration = Duration::from_secs(30);
-
-async fn next(listener: &mut PgNotifyListener) -> ListenerEvent {
-    tokio::time::timeout(GUARD, listener.recv())
-        .await
-        .expect("no notification arrived")
-        .expect("listener failed")
-}
+use crate::common::{Step, fx, next, send_marker};
 
 /// The next `chat:update`, skipping ownership hints of `chat`.
 async fn next_update(listener: &mut PgNotifyListener, chat: ChatId) -> ListenerEvent {
@@ -31,24 +17,6 @@ async fn next_update(listener: &mut PgNotifyListener, chat: ChatId) -> ListenerE
             other => return other,
         }
     }
-}
-
-/// A marker: an ownership hint for a chat that does not exist, published
-/// in autocommit. Postgres delivers notifications in commit order, so a
-/// listener that hears the marker first has heard nothing committed
-/// before it.
-async fn send_marker(pool: &PgPool, n: i64) -> Notification {
-    let hint = Notification::Ownership(OwnershipHint {
-        chat_id: ChatId(uuid::Uuid::from_u128(n as u128)),
-        snapshot_version: n,
-    });
-    sqlx::query("SELECT pg_notify($1, $2)")
-        .bind(hint.channel())
-        .bind(String::from_utf8(hint.payload()).unwrap())
-        .execute(pool)
-        .await
-        .unwrap();
-    hint
 }
 
 fn snapshot_of(event: &ListenerEvent) -> i64 {
