@@ -90,12 +90,33 @@ pub struct StoreError {
 }
 
 /// Broad classes of store failure.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+///
+/// Every kind but [`StoreErrorKind::OutcomeUnknown`] means the transaction
+/// did not commit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum StoreErrorKind {
-    /// The connection was lost or the server went away; the transaction,
-    /// if any, did not commit.
+    /// The connection was lost or the server went away before the commit
+    /// was sent (or the commit was resolved as rolled back); the
+    /// transaction did not commit.
     Connection,
+    /// The connection was lost after the commit was sent and a fresh
+    /// connection could not tell whether the transaction committed. The
+    /// change may or may not be durable; never retry blindly.
+    OutcomeUnknown,
+    /// The server could not serialise the transaction (SQLSTATE 40001);
+    /// it rolled back.
+    Serialization,
+    /// The server broke a deadlock by aborting this transaction (SQLSTATE
+    /// 40P01, or the in-memory store's lock-cycle detection); it rolled
+    /// back.
+    Deadlock,
+    /// A lock, statement or idle-in-transaction timeout ended the
+    /// transaction (SQLSTATE 55P03, 57014, 25P03); it rolled back.
+    Timeout,
+    /// The server accepts no writes (a standby, or a read-only
+    /// transaction: SQLSTATE 25006); it rolled back.
+    ReadOnly,
     /// The store refused the data (constraint, malformed row).
     Data,
     /// A fault injected by a test.
