@@ -7,7 +7,7 @@
 
 use std::error::Error as StdError;
 
-use chatstate_model::{ChatId, Rejection};
+use chatstate_model::{ChatId, Rejection, RejectionKind};
 
 /// Everything the machine can return.
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +61,35 @@ impl Error {
         matches!(self, Error::PublishAfterCommit { .. })
     }
 
+    /// True if the chat does not exist, however that was found out: the
+    /// lock found no row ([`Error::ChatNotFound`]), or a transition was
+    /// rejected with [`RejectionKind::ChatNotFound`]. Ask this rather than
+    /// matching either form.
+    pub fn is_not_found(&self) -> bool {
+        match self {
+            Error::ChatNotFound(_) => true,
+            Error::Rejected(r) => r.kind == RejectionKind::ChatNotFound,
+            _ => false,
+        }
+    }
+
+    /// True exactly when running the same Update again is safe and may
+    /// succeed: the failed attempt rolled back, and its cause is transient
+    /// (see [`StoreErrorKind::is_retryable`]).
+    ///
+    /// Never for a rejection (the same input is rejected again), a chat
+    /// that does not exist, an error of the callback, a failed nested
+    /// Update (its cause was the callback's to see),
+    /// [`Error::PublishAfterCommit`] (the change is committed: retrying
+    /// would apply it twice) or [`StoreErrorKind::OutcomeUnknown`] (it may
+    /// be committed). [`crate::update_with_retry`] retries on exactly this.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::Store(e) => e.is_retryable(),
+            _ => false,
+        }
+    }
+
     /// A stable name for the error's kind: the rejection kind's name
     /// (`TransitionNotAllowed`, `InvalidState`, ...), `ChatNotFound`, or the
     /// variant name for the other families.
@@ -77,8 +106,13 @@ impl Error {
 }
 
 /// A store failure. Stores map their native errors to this in one place.
+///
+/// It displays its context followed by its chain of causes
+/// (`store: upsert heartbeat: error communicating with database: ...`), so
+/// a log line says what failed and why; the native error stays reachable
+/// through [`std::error::Error::source`] too.
 #[derive(Debug, thiserror::Error)]
-#[error("store: {context}")]
+#[error("store: {context}{}", causes(.source.as_deref()))]
 pub struct StoreError {
     /// What the store was doing.
     pub context: &'static str,
@@ -125,7 +159,36 @@ pub enum StoreErrorKind {
     Other,
 }
 
+impl StoreErrorKind {
+    /// True for the kinds after which the transaction certainly rolled
+    /// back and a new attempt may succeed: [`StoreErrorKind::Connection`],
+    /// [`StoreErrorKind::Serialization`], [`StoreErrorKind::Deadlock`],
+    /// [`StoreErrorKind::Timeout`], [`StoreErrorKind::ReadOnly`] (after a
+    /// failover the new primary accepts writes) and
+    /// [`StoreErrorKind::Injected`] (a test's stand-in for a transient
+    /// failure). Never [`StoreErrorKind::OutcomeUnknown`] (it may have
+    /// committed), [`StoreErrorKind::Data`] (the same data is refused
+    /// again) or [`StoreErrorKind::Other`] (unclassified).
+    pub fn is_retryable(self) -> bool {
+        match self {
+            StoreErrorKind::Connection
+            | StoreErrorKind::Serialization
+            | StoreErrorKind::Deadlock
+            | StoreErrorKind::Timeout
+            | StoreErrorKind::ReadOnly
+            | StoreErrorKind::Injected => true,
+            StoreErrorKind::OutcomeUnknown | StoreErrorKind::Data | StoreErrorKind::Other => false,
+        }
+    }
+}
+
 impl StoreError {
+    /// True if the transaction rolled back for a transient cause (see
+    /// [`StoreErrorKind::is_retryable`]).
+    pub fn is_retryable(&self) -> bool {
+        self.kind.is_retryable()
+    }
+
     /// A store error of a kind, with its source.
     pub fn new(
         context: &'static str,
@@ -164,6 +227,28 @@ pub struct PublishError {
 #[derive(Debug, thiserror::Error)]
 #[error("{} notification(s) failed: {}", .0.len(), channels(.0))]
 pub struct FlushError(pub Vec<PublishError>);
+
+/// `": cause: its cause: ..."` for a chain of causes. A cause whose text
+/// the previous one already shows (an error wrapping an I/O error and
+/// repeating its message) is left out.
+fn causes(source: Option<&(dyn StdError + Send + Sync + 'static)>) -> String {
+    let mut out = String::new();
+    let mut last = String::new();
+    let mut next: Option<&(dyn StdError + 'static)> = match source {
+        Some(e) => Some(e),
+        None => None,
+    };
+    while let Some(e) = next {
+        let text = e.to_string();
+        if !text.is_empty() && !last.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        last = text;
+        next = e.source();
+    }
+    out
+}
 
 fn channels(errors: &[PublishError]) -> String {
     errors

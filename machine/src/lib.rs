@@ -15,6 +15,9 @@
 //!   transition and nothing that could write execution state otherwise.
 //!   [`ChatMachine::lock`] and [`ChatMachine::read_lock`] hold the row lock
 //!   without bumping or publishing.
+//! - [`ChatMachine::update_with_retry`] runs an Update again after a
+//!   failure that rolled it back for a transient cause
+//!   ([`Error::is_retryable`]), under a [`RetryPolicy`].
 //! - [`create_chat`] creates a chat (N -> R0).
 //! - [`Store`] is what a backing store implements: the in-memory store is
 //!   `chatstate-store-mem`, the PostgreSQL one `chatstate-store-pg`.
@@ -70,6 +73,7 @@
 mod error;
 mod machine;
 mod publish;
+mod retry;
 mod store;
 
 pub use chatstate_model as model;
@@ -85,6 +89,7 @@ pub use publish::{
     BroadcastPublisher, HighWaterMark, Notify, PublishBuffer, Published, Publisher,
     RecordingPublisher,
 };
+pub use retry::RetryPolicy;
 pub use store::{
     ChatMetadata, ChatRecord, CreateOutcome, LockMode, MetadataPatch, Store, StoreTx, TestControl,
 };
