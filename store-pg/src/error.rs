@@ -9,9 +9,24 @@ use chatstate::{StoreError, StoreErrorKind};
 /// - lost or refused connections, I/O, pool exhaustion or closure, and a
 ///   backend terminated by an administrator → [`StoreErrorKind::Connection`]
 ///   (the transaction did not commit);
+/// - serialization failures (40001) → [`StoreErrorKind::Serialization`];
+/// - deadlocks broken by the server (40P01) → [`StoreErrorKind::Deadlock`];
+/// - a lock not obtained within `lock_timeout` (55P03), a statement
+///   cancelled by `statement_timeout` (57014, also a cancel request), and
+///   a session ended by `idle_in_transaction_session_timeout` (25P03) →
+///   [`StoreErrorKind::Timeout`];
+/// - a write in a read-only transaction or on a standby (25006) →
+///   [`StoreErrorKind::ReadOnly`];
 /// - constraint violations, malformed values and undecodable rows →
 ///   [`StoreErrorKind::Data`];
 /// - everything else → [`StoreErrorKind::Other`].
+///
+/// Every one of these means the transaction did not commit: the server
+/// reports them for a statement of an open transaction (which it then
+/// aborts) or instead of running it. 25P03 in particular can surface as
+/// the answer to `COMMIT`, but the server ended the session before it read
+/// the `COMMIT`. Whether a connection lost *during* `COMMIT` committed is
+/// for the caller of the commit to resolve, not for this mapping.
 pub(crate) fn store_error(context: &'static str, e: sqlx::Error) -> StoreError {
     let kind = match &e {
         sqlx::Error::Io(_)
@@ -26,6 +41,10 @@ pub(crate) fn store_error(context: &'static str, e: sqlx::Error) -> StoreError {
             // terminated (administrator, crash shutdown, not accepting).
             Some(code) if code.starts_with("08") => StoreErrorKind::Connection,
             Some("57P01" | "57P02" | "57P03") => StoreErrorKind::Connection,
+            Some("40001") => StoreErrorKind::Serialization,
+            Some("40P01") => StoreErrorKind::Deadlock,
+            Some("55P03" | "57014" | "25P03") => StoreErrorKind::Timeout,
+            Some("25006") => StoreErrorKind::ReadOnly,
             // Class 22: data exception (bad JSON, out of range, ...).
             // Class 23: integrity constraint violation.
             Some(code) if code.starts_with("22") || code.starts_with("23") => StoreErrorKind::Data,
@@ -94,14 +113,33 @@ pub enum PgStoreFault {
     /// The chat does not exist (a test-control write to a missing chat).
     #[error("chat {0} not found")]
     ChatNotFound(chatstate_model::ChatId),
+    /// The database's schema was migrated by a newer binary: it holds a
+    /// migration this binary does not know. Nothing was migrated; run a
+    /// binary at least as new as the schema.
+    #[error("the database schema is at migration {database}, newer than this binary's {binary}")]
+    SchemaNewerThanBinary {
+        /// The highest migration version applied to the database.
+        database: i64,
+        /// The highest migration version this binary embeds.
+        binary: i64,
+    },
 }
 
 impl PgStoreFault {
+    /// The fault a store error carries, if this store detected it (for
+    /// matching, e.g. on [`PgStoreFault::SchemaNewerThanBinary`] after
+    /// [`crate::migrate`]).
+    pub fn of(e: &StoreError) -> Option<&PgStoreFault> {
+        e.source.as_deref()?.downcast_ref()
+    }
+
     /// Wraps the fault in a store error of kind Data (or Other for
     /// transaction misuse).
     pub(crate) fn into_store(self, context: &'static str) -> StoreError {
         let kind = match self {
-            PgStoreFault::TransactionAborted | PgStoreFault::NotLocked => StoreErrorKind::Other,
+            PgStoreFault::TransactionAborted
+            | PgStoreFault::NotLocked
+            | PgStoreFault::SchemaNewerThanBinary { .. } => StoreErrorKind::Other,
             _ => StoreErrorKind::Data,
         };
         StoreError::new(context, kind, self)
@@ -119,4 +157,189 @@ pub(crate) fn malformed(
         reason: reason.to_string(),
     }
     .into_store(context)
+}
+
+#[cfg(test)]
+mod tests {
+    //! Each SQLSTATE the mapping names, provoked for real on a throwaway
+    //! server, maps to its kind.
+
+    use std::time::Duration;
+
+    use sqlx::{Connection, Executor, PgConnection};
+
+    use super::*;
+
+    async fn connect(name: &str) -> PgConnection {
+        let cluster = crate::throwaway::Cluster::shared().unwrap_or_else(|e| panic!("{e}"));
+        PgConnection::connect_with(&cluster.connect_options(name))
+            .await
+            .unwrap()
+    }
+
+    /// Runs `setup` and then `failing` on one connection of a fresh
+    /// database (while `other` holds whatever it took on another), and
+    /// returns the kind `failing`'s error maps to.
+    async fn kind_of(
+        name: &str,
+        other: &[&'static str],
+        setup: &[&'static str],
+        failing: &'static str,
+    ) -> StoreErrorKind {
+        let mut holder = connect(name).await;
+        for q in other {
+            holder.execute(*q).await.unwrap();
+        }
+        let mut conn = connect(name).await;
+        for q in setup {
+            conn.execute(*q).await.unwrap();
+        }
+        let e = conn.execute(failing).await.expect_err(failing);
+        let mapped = store_error("test", e);
+        let _ = holder.close().await;
+        mapped.kind
+    }
+
+    #[tokio::test]
+    async fn sqlstates_provoked_on_a_server_map_to_their_kinds() {
+        let cluster = crate::throwaway::Cluster::shared().unwrap_or_else(|e| panic!("{e}"));
+        let db = cluster.create_database().await.unwrap();
+        let mut admin = connect(&db).await;
+        admin
+            .execute(
+                "CREATE TABLE t (id int PRIMARY KEY, v int); INSERT INTO t VALUES (1, 0), (2, 0)",
+            )
+            .await
+            .unwrap();
+        let hold = ["BEGIN", "SELECT * FROM t WHERE id = 1 FOR UPDATE"];
+        let cases: [(
+            &str,
+            &[&'static str],
+            &[&'static str],
+            &'static str,
+            StoreErrorKind,
+        ); 4] = [
+            (
+                "55P03 lock timeout",
+                &hold,
+                &["SET lock_timeout = '50ms'", "BEGIN"],
+                "SELECT * FROM t WHERE id = 1 FOR UPDATE",
+                StoreErrorKind::Timeout,
+            ),
+            (
+                "57014 statement timeout",
+                &[],
+                &["SET statement_timeout = '50ms'"],
+                "SELECT pg_sleep(5)",
+                StoreErrorKind::Timeout,
+            ),
+            (
+                "25006 read-only transaction",
+                &[],
+                &["SET default_transaction_read_only = on", "BEGIN"],
+                "UPDATE t SET v = 1",
+                StoreErrorKind::ReadOnly,
+            ),
+            (
+                "23505 unique violation",
+                &[],
+                &[],
+                "INSERT INTO t VALUES (1, 0)",
+                StoreErrorKind::Data,
+            ),
+        ];
+        for (what, other, setup, failing, want) in cases {
+            assert_eq!(kind_of(&db, other, setup, failing).await, want, "{what}");
+        }
+
+        // 40001: a concurrent update commits after this transaction's
+        // snapshot was taken.
+        let mut a = connect(&db).await;
+        a.execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT * FROM t")
+            .await
+            .unwrap();
+        admin
+            .execute("UPDATE t SET v = v + 1 WHERE id = 2")
+            .await
+            .unwrap();
+        let e = a
+            .execute("UPDATE t SET v = v + 1 WHERE id = 2")
+            .await
+            .unwrap_err();
+        assert_eq!(store_error("test", e).kind, StoreErrorKind::Serialization);
+
+        // 40P01: two transactions lock two rows in opposite order.
+        let mut b = connect(&db).await;
+        let mut c = connect(&db).await;
+        b.execute("SET deadlock_timeout = '10ms'; BEGIN; UPDATE t SET v = 1 WHERE id = 1")
+            .await
+            .unwrap();
+        c.execute("SET deadlock_timeout = '10ms'; BEGIN; UPDATE t SET v = 1 WHERE id = 2")
+            .await
+            .unwrap();
+        let (rb, rc) = tokio::join!(
+            b.execute("UPDATE t SET v = 2 WHERE id = 2"),
+            c.execute("UPDATE t SET v = 2 WHERE id = 1"),
+        );
+        let kinds: Vec<_> = [rb, rc]
+            .into_iter()
+            .filter_map(|r| r.err())
+            .map(|e| store_error("test", e).kind)
+            .collect();
+        assert_eq!(kinds, [StoreErrorKind::Deadlock]);
+        // Both end their transactions (the survivor's locks would block
+        // what follows).
+        let _ = b.close().await;
+        let _ = c.close().await;
+
+        // 25P03: the server ends a session idle in a transaction and says
+        // why. A client that can still read it (TCP) gets 25P03; over a
+        // Unix socket, as here, writing the next statement to the closed
+        // socket fails first (EPIPE) and the reason is never read. Either
+        // way the transaction did not commit and the kind is retryable.
+        let mut idle = connect(&db).await;
+        idle.execute("SET idle_in_transaction_session_timeout = '50ms'; BEGIN; UPDATE t SET v = 9")
+            .await
+            .unwrap();
+        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&mut idle)
+            .await
+            .unwrap();
+        wait_until_gone(&mut admin, pid).await;
+        let e = idle.execute("COMMIT").await.unwrap_err();
+        let mapped = store_error("commit", e);
+        assert!(
+            matches!(
+                mapped.kind,
+                StoreErrorKind::Timeout | StoreErrorKind::Connection
+            ),
+            "{mapped}"
+        );
+        let v: i32 = sqlx::query_scalar("SELECT max(v) FROM t")
+            .fetch_one(&mut admin)
+            .await
+            .unwrap();
+        assert_ne!(v, 9, "nothing committed");
+    }
+
+    /// Waits (bounded) until backend `pid` has exited.
+    async fn wait_until_gone(admin: &mut PgConnection, pid: i32) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let alive: bool =
+                sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1)")
+                    .bind(pid)
+                    .fetch_one(&mut *admin)
+                    .await
+                    .unwrap();
+            if !alive {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "backend {pid} lives on"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
 }

@@ -117,27 +117,77 @@ pub const LEGACY_STATUSES: [&str; 3] = ["pending", "paused", "completed"];
 
 /// Applies the embedded migrations (`store-pg/migrations/`) that are not
 /// applied yet.
+///
+/// It migrates on a connection of its own, opened with the pool's connect
+/// options and closed afterwards, whatever happened: the migrator holds a
+/// session-level advisory lock while it works, and a failure would
+/// otherwise leave that lock on a pooled connection, making every other
+/// process's `migrate` wait for as long as that connection lives.
+///
+/// A database migrated by a newer binary (a migration applied that this
+/// binary does not embed) is refused before anything runs, with
+/// [`PgStoreFault::SchemaNewerThanBinary`] (kind
+/// [`StoreErrorKind::Other`]; see [`PgStoreFault::of`]).
 pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
-    let mut conn = pool
-        .acquire()
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect_with(&*pool.connect_options())
         .await
         .map_err(|e| store_error("migrate", e))?;
-    migrate_with(&mut conn).await
+    let result = migrate_with(&mut conn).await;
+    // Ending the session releases the lock even if the migrator left it
+    // held; a failure to say goodbye politely changes nothing.
+    let _ = conn.close().await;
+    result
 }
 
-/// Applies the migrations on one connection.
+/// The highest migration version this binary embeds.
+fn binary_schema_version() -> i64 {
+    MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0)
+}
+
+/// The highest migration version applied to the database, `None` before
+/// the first migration.
+async fn database_schema_version(conn: &mut sqlx::PgConnection) -> Result<Option<i64>, StoreError> {
+    const CONTEXT: &str = "read the schema version";
+    let exists: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(|e| store_error(CONTEXT, e))?;
+    if !exists {
+        return Ok(None);
+    }
+    sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations")
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(|e| store_error(CONTEXT, e))
+}
+
+/// Applies the migrations on one connection (refusing a schema newer than
+/// this binary first). The caller owns the connection and must close it
+/// if this fails: the migrator's advisory lock may still be held on it.
 ///
 /// It calls the migrator on a concrete connection type: the generic
 /// `Migrator::run` over `Acquire` makes the returned future impossible to
 /// prove `Send` in callers that need it (a known sqlx limitation).
 pub(crate) async fn migrate_with(conn: &mut sqlx::PgConnection) -> Result<(), StoreError> {
     const CONTEXT: &str = "migrate";
+    let binary = binary_schema_version();
+    let newer = |database| PgStoreFault::SchemaNewerThanBinary { database, binary };
+    if let Some(database) = database_schema_version(conn).await?
+        && database > binary
+    {
+        return Err(newer(database).into_store(CONTEXT));
+    }
     MIGRATOR
         .run_direct(None, conn, false)
         .await
         .map_err(|e| match e {
             sqlx::migrate::MigrateError::Execute(e) => store_error(CONTEXT, e),
             sqlx::migrate::MigrateError::ExecuteMigration(e, _) => store_error(CONTEXT, e),
+            // A newer binary migrated between the check and the lock.
+            sqlx::migrate::MigrateError::VersionMissing(v) if v > binary => {
+                newer(v).into_store(CONTEXT)
+            }
             other => StoreError::new(CONTEXT, StoreErrorKind::Other, other),
         })
 }

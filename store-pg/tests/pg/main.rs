@@ -5,6 +5,7 @@
 
 mod caches;
 mod common;
+mod failures;
 mod faults;
 mod locking;
 mod misc;
