@@ -2,7 +2,11 @@
 //!
 //! Each chat has a row lock that blocks asynchronously like a database row
 //! lock (exclusive for Update and Lock, shared for ReadLock; waiters queue
-//! fairly). A transaction writes in place under its lock and keeps an undo
+//! fairly). Transactions that would wait for each other in a cycle (nested
+//! Updates of two chats in opposite order) are detected when the cycle
+//! closes, and the transaction that closed it fails with
+//! [`StoreErrorKind::Deadlock`], as Postgres breaks such a deadlock (the
+//! `locks` module keeps the wait-for graph). A transaction writes in place under its lock and keeps an undo
 //! log; committing forgets the log, rolling back (explicitly, on error, or
 //! by dropping the transaction) replays it, so nothing of a rolled-back
 //! transaction is ever seen by another. History is never copied per Update:
@@ -30,6 +34,10 @@ use chatstate_model::{
     Timestamp, ToolState,
 };
 use tokio::sync::{OwnedRwLockReadGuard, OwnedRwLockWriteGuard, RwLock, broadcast};
+
+use crate::locks::{Holding, LockTable, TxId};
+
+mod locks;
 
 /// Store time for the in-memory store: a base instant plus an offset that
 /// tests can advance.
@@ -96,6 +104,9 @@ struct Inner {
     faults: Faults,
     bus: broadcast::Sender<Published>,
     lock_waiters: AtomicUsize,
+    /// Who holds and who waits for which row lock (deadlock detection).
+    lock_table: Arc<Mutex<LockTable>>,
+    next_tx: AtomicU64,
 }
 
 #[derive(Default)]
@@ -212,6 +223,8 @@ impl MemStore {
                 faults: Faults::default(),
                 bus,
                 lock_waiters: AtomicUsize::new(0),
+                lock_table: Arc::default(),
+                next_tx: AtomicU64::new(1),
             }),
         }
     }
@@ -265,18 +278,38 @@ impl MemStore {
         self.inner.lock_waiters.load(Ordering::SeqCst)
     }
 
-    async fn lock(&self, chat: ChatId, mode: LockMode) -> Option<(Arc<Slot>, Guard)> {
-        let slot = self.slot(chat)?;
-        let _waiting = Waiting::new(&self.inner.lock_waiters);
-        let guard = match mode {
-            LockMode::Exclusive => Guard::Write(slot.lock.clone().write_owned().await),
-            LockMode::Shared => Guard::Read(slot.lock.clone().read_owned().await),
+    /// Takes the row lock of `chat` for transaction `tx`, waiting for it
+    /// like a database row lock. Fails with [`StoreErrorKind::Deadlock`]
+    /// instead of waiting when the wait would close a cycle of
+    /// transactions waiting for each other. `None` if the chat does not
+    /// exist.
+    async fn lock(
+        &self,
+        chat: ChatId,
+        mode: LockMode,
+        tx: TxId,
+    ) -> Result<Option<(Arc<Slot>, Guard)>, StoreError> {
+        let Some(slot) = self.slot(chat) else {
+            return Ok(None);
         };
-        Some((slot, guard))
+        let _waiting = Waiting::new(&self.inner.lock_waiters);
+        let entry = LockTable::wait(&self.inner.lock_table, tx, chat).map_err(|cycle| {
+            StoreError::new("lock chat", StoreErrorKind::Deadlock, cycle.to_string())
+        })?;
+        let row = match mode {
+            LockMode::Exclusive => RowGuard::Write(slot.lock.clone().write_owned().await),
+            LockMode::Shared => RowGuard::Read(slot.lock.clone().read_owned().await),
+        };
+        let guard = Guard {
+            _holding: entry.acquired(),
+            row,
+        };
+        Ok(Some((slot, guard)))
     }
 
     fn begin(&self) -> MemTx {
         MemTx {
+            id: self.inner.next_tx.fetch_add(1, Ordering::SeqCst),
             inner: self.inner.clone(),
             locks: Vec::new(),
             undo: Vec::new(),
@@ -325,7 +358,15 @@ impl Drop for Waiting<'_> {
     }
 }
 
-enum Guard {
+/// A held row lock and its entry in the lock table.
+struct Guard {
+    // Fields drop in order: the table forgets the holder before the row
+    // lock is released, so it never lists a holder that is gone.
+    _holding: Holding,
+    row: RowGuard,
+}
+
+enum RowGuard {
     // The guards are held for their Drop, which releases the row lock.
     Write(#[allow(dead_code)] OwnedRwLockWriteGuard<()>),
     Read(#[allow(dead_code)] OwnedRwLockReadGuard<()>),
@@ -333,7 +374,7 @@ enum Guard {
 
 impl Guard {
     fn exclusive(&self) -> bool {
-        matches!(self, Guard::Write(_))
+        matches!(self.row, RowGuard::Write(_))
     }
 }
 
@@ -349,6 +390,7 @@ enum Undo {
 
 /// A transaction of the in-memory store.
 pub struct MemTx {
+    id: TxId,
     inner: Arc<Inner>,
     locks: Vec<(ChatId, Arc<Slot>, Guard)>,
     undo: Vec<Undo>,
@@ -422,7 +464,7 @@ impl MemTx {
             .iter()
             .any(|(id, _, g)| *id == chat && g.exclusive());
         if !already {
-            let Some((slot, guard)) = store.lock(chat, LockMode::Exclusive).await else {
+            let Some((slot, guard)) = store.lock(chat, LockMode::Exclusive, self.id).await? else {
                 return Ok(None);
             };
             self.locks.push((chat, slot, guard));
@@ -468,12 +510,12 @@ impl Store for MemStore {
         options: &Options,
     ) -> Result<Option<(MemTx, Snapshot)>, StoreError> {
         self.inner.call("lock chat")?;
-        let Some((slot, guard)) = self.lock(chat, mode).await else {
+        let mut tx = self.begin();
+        let Some((slot, guard)) = self.lock(chat, mode, tx.id).await? else {
             return Ok(None);
         };
         let now = self.inner.clock.now();
         let snap = slot.data.lock().expect("chat data").snapshot(now, options);
-        let mut tx = self.begin();
         tx.locks.push((chat, slot, guard));
         Ok(Some((tx, snap)))
     }
@@ -753,7 +795,8 @@ impl TestControl for MemStore {
         archived: bool,
     ) -> Result<(), StoreError> {
         // Like a raw UPDATE: it waits for the row lock, changes no version.
-        let Some((slot, _guard)) = self.lock(chat, LockMode::Exclusive).await else {
+        let id = self.inner.next_tx.fetch_add(1, Ordering::SeqCst);
+        let Some((slot, _guard)) = self.lock(chat, LockMode::Exclusive, id).await? else {
             return Err(StoreError::new(
                 "set raw state",
                 StoreErrorKind::Data,

@@ -8,6 +8,7 @@
 
 pub mod concurrency;
 pub mod conformance;
+pub mod failures;
 pub mod faults;
 pub mod fixture;
 pub mod hostile;
