@@ -7,11 +7,30 @@
 //! [`ListenerEvent::Reconnected`]; a receiver then reloads the chats it
 //! follows, or notices the gap when the next `snapshot_version` it sees is
 //! more than one above its high-water mark.
+//!
+//! # Cancel safety
+//!
+//! [`PgNotifyListener::recv`] is cancel-safe: it may be raced in
+//! `tokio::select!` or wrapped in a timeout, and a call that is dropped
+//! before it completes loses nothing. Everything that must survive lives
+//! in the listener, not in the future:
+//!
+//! - a notification is handed out in the same poll that takes it from the
+//!   connection (there is no await between the two);
+//! - a lost connection is recorded in the listener before anything else
+//!   is awaited (sqlx's own eager reconnect, which would reconnect inside
+//!   a cancellable call and so could swallow the loss, is off), and the
+//!   [`ListenerEvent::Reconnected`] it owes is reported by whichever call
+//!   sees the new connection ready;
+//! - reconnecting runs in a task of its own, so it makes progress even
+//!   if every `recv` is cancelled after a millisecond, and a later call
+//!   picks up its result.
 
 use chatstate::{StoreError, StoreErrorKind};
 use chatstate_model::{ChatId, Notification, OWNERSHIP_CHANNEL, UPDATE_CHANNEL_PREFIX};
 use sqlx::PgPool;
 use sqlx::postgres::{PgListener, PgPoolOptions};
+use tokio::task::JoinHandle;
 
 use crate::error::store_error;
 
@@ -32,24 +51,67 @@ pub enum ListenerEvent {
 
 /// A typed listener on the store's notification channels, with its own
 /// connection (not one of the store pool's).
+///
+/// See the module's "cancel safety" section: [`PgNotifyListener::recv`]
+/// can be cancelled at any point without losing a notification or a
+/// [`ListenerEvent::Reconnected`].
 pub struct PgNotifyListener {
     pool: PgPool,
-    /// `None` only while a rebuild is under way (or after it failed).
-    listener: Option<PgListener>,
+    state: State,
     channels: Vec<String>,
+}
+
+/// Where the listener's connection stands. Anything but `Ready` means the
+/// connection was lost and a [`ListenerEvent::Reconnected`] is owed.
+enum State {
+    /// Connected and listening on every channel.
+    Ready(PgListener),
+    /// A task is connecting and listening on every channel.
+    Reconnecting(JoinHandle<Result<PgListener, StoreError>>),
+    /// Lost, and no reconnect under way (the last one failed, or the
+    /// channels changed while it ran): the next `recv` starts one.
+    Lost,
 }
 
 impl std::fmt::Debug for PgNotifyListener {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = match self.state {
+            State::Ready(_) => "ready",
+            State::Reconnecting(_) => "reconnecting",
+            State::Lost => "lost",
+        };
         f.debug_struct("PgNotifyListener")
+            .field("state", &state)
             .field("channels", &self.channels)
             .finish_non_exhaustive()
+    }
+}
+
+impl Drop for PgNotifyListener {
+    fn drop(&mut self) {
+        if let State::Reconnecting(task) = &self.state {
+            task.abort();
+        }
     }
 }
 
 /// The update channel of a chat.
 pub fn update_channel(chat: ChatId) -> String {
     format!("{UPDATE_CHANNEL_PREFIX}{chat}")
+}
+
+/// A listener on the one connection of `pool`, listening on `channels`.
+async fn listen_on(pool: &PgPool, channels: &[String]) -> Result<PgListener, sqlx::Error> {
+    let mut listener = PgListener::connect_with(pool).await?;
+    // A lost connection must come back as `None` at once, not after a
+    // reconnect inside `try_recv` that a cancelled call could swallow.
+    listener.eager_reconnect(false);
+    if !channels.is_empty() {
+        listener
+            .listen_all(channels.iter().map(String::as_str))
+            .await?;
+    }
+    Ok(listener)
 }
 
 impl PgNotifyListener {
@@ -68,12 +130,12 @@ impl PgNotifyListener {
             .connect_with(options)
             .await
             .map_err(|e| store_error("connect listener", e))?;
-        let listener = PgListener::connect_with(&own)
+        let listener = listen_on(&own, &[])
             .await
             .map_err(|e| store_error("connect listener", e))?;
         Ok(PgNotifyListener {
             pool: own,
-            listener: Some(listener),
+            state: State::Ready(listener),
             channels: Vec::new(),
         })
     }
@@ -101,14 +163,22 @@ impl PgNotifyListener {
         if new.is_empty() {
             return Ok(());
         }
-        if let Some(listener) = self.listener.as_mut() {
-            listener
-                .listen_all(new.iter().map(String::as_str))
-                .await
-                .map_err(|e| store_error("listen", e))?;
+        match &mut self.state {
+            State::Ready(listener) => {
+                listener
+                    .listen_all(new.iter().map(String::as_str))
+                    .await
+                    .map_err(|e| store_error("listen", e))?;
+            }
+            // A reconnect under way listens on the channels it was given:
+            // start over, so the next one listens on these too.
+            State::Reconnecting(task) => {
+                task.abort();
+                self.state = State::Lost;
+            }
+            // The next reconnect listens on every channel, these included.
+            State::Lost => {}
         }
-        // Without a listener (a failed rebuild) the next rebuild listens
-        // on every channel, these included.
         self.channels.extend(new);
         Ok(())
     }
@@ -123,49 +193,65 @@ impl PgNotifyListener {
     /// Notifications on a channel this crate does not know, or with a
     /// malformed payload, are skipped: they are hints, and a broken hint
     /// must not stop the stream. An error means the listener could not
-    /// reconnect; calling `recv` again tries again.
+    /// reconnect; calling `recv` again tries again. Cancel-safe (see the
+    /// module's "cancel safety" section).
     pub async fn recv(&mut self) -> Result<ListenerEvent, StoreError> {
         loop {
-            let Some(listener) = self.listener.as_mut() else {
-                self.rebuild().await?;
-                return Ok(ListenerEvent::Reconnected);
-            };
-            match listener.try_recv().await {
-                Ok(Some(n)) => {
-                    if let Ok(n) = Notification::parse(n.channel(), n.payload().as_bytes()) {
-                        return Ok(ListenerEvent::Notification(n));
+            match &mut self.state {
+                State::Ready(listener) => match listener.try_recv().await {
+                    Ok(Some(n)) => {
+                        if let Ok(n) = Notification::parse(n.channel(), n.payload().as_bytes()) {
+                            return Ok(ListenerEvent::Notification(n));
+                        }
+                    }
+                    // The connection ended: record it before any await.
+                    Ok(None) => self.state = State::Lost,
+                    Err(e) => {
+                        let err = store_error("receive notification", e);
+                        if err.kind != StoreErrorKind::Connection {
+                            return Err(err);
+                        }
+                        self.state = State::Lost;
+                    }
+                },
+                State::Reconnecting(task) => {
+                    // Awaiting the handle by reference: a cancelled call
+                    // leaves the task running and the handle in place.
+                    let done = task.await;
+                    match done {
+                        Ok(Ok(listener)) => {
+                            self.state = State::Ready(listener);
+                            return Ok(ListenerEvent::Reconnected);
+                        }
+                        Ok(Err(e)) => {
+                            self.state = State::Lost;
+                            return Err(e);
+                        }
+                        Err(join) => {
+                            self.state = State::Lost;
+                            if join.is_panic() {
+                                std::panic::resume_unwind(join.into_panic());
+                            }
+                            return Err(StoreError::new(
+                                "reconnect listener",
+                                StoreErrorKind::Connection,
+                                join,
+                            ));
+                        }
                     }
                 }
-                // sqlx saw the connection end, reconnected and listens
-                // again on every channel.
-                Ok(None) => return Ok(ListenerEvent::Reconnected),
-                Err(e) => {
-                    let err = store_error("receive notification", e);
-                    if err.kind != StoreErrorKind::Connection {
-                        return Err(err);
-                    }
-                    // A connection failure sqlx does not recover from by
-                    // itself: start over on a fresh connection.
-                    self.rebuild().await?;
-                    return Ok(ListenerEvent::Reconnected);
+                State::Lost => {
+                    // The dead listener is gone (the pool's one connection
+                    // is free again); connect in a task of its own.
+                    let pool = self.pool.clone();
+                    let channels = self.channels.clone();
+                    self.state = State::Reconnecting(tokio::spawn(async move {
+                        listen_on(&pool, &channels)
+                            .await
+                            .map_err(|e| store_error("reconnect listener", e))
+                    }));
                 }
             }
         }
-    }
-
-    async fn rebuild(&mut self) -> Result<(), StoreError> {
-        // Release the dead connection first: the pool holds only one.
-        self.listener = None;
-        let mut listener = PgListener::connect_with(&self.pool)
-            .await
-            .map_err(|e| store_error("reconnect listener", e))?;
-        if !self.channels.is_empty() {
-            listener
-                .listen_all(self.channels.iter().map(String::as_str))
-                .await
-                .map_err(|e| store_error("reconnect listener", e))?;
-        }
-        self.listener = Some(listener);
-        Ok(())
     }
 }
