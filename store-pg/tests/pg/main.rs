@@ -7,6 +7,7 @@ mod caches;
 mod common;
 mod failures;
 mod faults;
+mod listener_cancel;
 mod locking;
 mod misc;
 mod notify;
