@@ -216,4 +216,18 @@ mod tests {
         assert_eq!(back, n);
         assert!(n.payload().len() < MAX_PAYLOAD_BYTES);
     }
+
+    #[test]
+    fn ownership_hint_payload_carries_the_snapshot_version() {
+        let n = Notification::Ownership(OwnershipHint {
+            chat_id: ChatId(uuid::Uuid::nil()),
+            snapshot_version: 7,
+        });
+        assert_eq!(
+            n.payload(),
+            br#"{"chat_id":"00000000-0000-0000-0000-000000000000","snapshot_version":7}"#
+        );
+        assert_eq!(Notification::parse(&n.channel(), &n.payload()).unwrap(), n);
+        assert_eq!(n.snapshot_version(), 7);
+    }
 }

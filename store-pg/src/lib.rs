@@ -197,6 +197,14 @@ pub(crate) async fn migrate_with(conn: &mut sqlx::PgConnection) -> Result<(), St
 /// it is checked out (the lean path counts on one round trip to open a
 /// transaction). Other pools work too; a connection then prepares on its
 /// first opening, three round trips more, once.
+///
+/// Without the check, a connection that died with a server restart
+/// fails the one Update that next uses it, with a retryable
+/// [`StoreErrorKind::Connection`] (see
+/// [`chatstate::ChatMachine::update_with_retry`]). The check would not
+/// prevent that: the store hands out the connections it keeps itself,
+/// without the pool (measured in docs/postgres.md, "Checking connections
+/// on checkout").
 pub fn pool_options() -> PgPoolOptions {
     PgPoolOptions::new()
         .test_before_acquire(false)
