@@ -200,6 +200,16 @@ mod tests {
         mapped.kind
     }
 
+    /// What it is, statements another session runs first, this session's
+    /// setup, the failing statement, the kind it must map to.
+    type Case = (
+        &'static str,
+        &'static [&'static str],
+        &'static [&'static str],
+        &'static str,
+        StoreErrorKind,
+    );
+
     #[tokio::test]
     async fn sqlstates_provoked_on_a_server_map_to_their_kinds() {
         let cluster = crate::throwaway::Cluster::shared().unwrap_or_else(|e| panic!("{e}"));
@@ -211,17 +221,11 @@ mod tests {
             )
             .await
             .unwrap();
-        let hold = ["BEGIN", "SELECT * FROM t WHERE id = 1 FOR UPDATE"];
-        let cases: [(
-            &str,
-            &[&'static str],
-            &[&'static str],
-            &'static str,
-            StoreErrorKind,
-        ); 4] = [
+        const HOLD: &[&str] = &["BEGIN", "SELECT * FROM t WHERE id = 1 FOR UPDATE"];
+        let cases: [Case; 4] = [
             (
                 "55P03 lock timeout",
-                &hold,
+                HOLD,
                 &["SET lock_timeout = '50ms'", "BEGIN"],
                 "SELECT * FROM t WHERE id = 1 FOR UPDATE",
                 StoreErrorKind::Timeout,

@@ -74,6 +74,14 @@ where
     (fx, a, c)
 }
 
+/// Fails instead of hanging when the deadlock is never broken (a hang
+/// guard: Postgres breaks it after one second).
+async fn bounded<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(std::time::Duration::from_secs(30), f)
+        .await
+        .expect("the deadlock was never broken")
+}
+
 async fn snapshot<S: Store + TestControl>(m: &ChatMachine<S>) -> i64 {
     m.load().await.expect("load").row.versions.snapshot
 }
@@ -84,10 +92,13 @@ pub async fn nested_updates_in_opposite_order_fail_one_with_deadlock<B: Backend>
     let (_fx, a, c) = two_chats(b).await;
     let before = (snapshot(&a).await, snapshot(&c).await);
     let barrier = Arc::new(Barrier::new(2));
-    let (ra, rc) = tokio::join!(
-        tokio::spawn(crossing(a.clone(), c.chat_id(), barrier.clone(), false)),
-        tokio::spawn(crossing(c.clone(), a.chat_id(), barrier, false)),
-    );
+    let (ra, rc) = bounded(async {
+        tokio::join!(
+            tokio::spawn(crossing(a.clone(), c.chat_id(), barrier.clone(), false)),
+            tokio::spawn(crossing(c.clone(), a.chat_id(), barrier, false)),
+        )
+    })
+    .await;
     let results = [ra.unwrap(), rc.unwrap()];
     let failed: Vec<&Error> = results
         .iter()
@@ -114,10 +125,13 @@ pub async fn the_deadlocked_update_commits_when_retried<B: Backend>(b: &B) {
     let (_fx, a, c) = two_chats(b).await;
     let before = (snapshot(&a).await, snapshot(&c).await);
     let barrier = Arc::new(Barrier::new(2));
-    let (ra, rc) = tokio::join!(
-        tokio::spawn(crossing(a.clone(), c.chat_id(), barrier.clone(), true)),
-        tokio::spawn(crossing(c.clone(), a.chat_id(), barrier, true)),
-    );
+    let (ra, rc) = bounded(async {
+        tokio::join!(
+            tokio::spawn(crossing(a.clone(), c.chat_id(), barrier.clone(), true)),
+            tokio::spawn(crossing(c.clone(), a.chat_id(), barrier, true)),
+        )
+    })
+    .await;
     let (ra, rc) = (ra.unwrap(), rc.unwrap());
     ra.0.as_ref().expect("a commits");
     rc.0.as_ref().expect("c commits");
