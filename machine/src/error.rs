@@ -82,7 +82,7 @@ impl Error {
     /// Update (its cause was the callback's to see),
     /// [`Error::PublishAfterCommit`] (the change is committed: retrying
     /// would apply it twice) or [`StoreErrorKind::OutcomeUnknown`] (it may
-    /// be committed). [`crate::update_with_retry`] retries on exactly this.
+    /// be committed). [`crate::ChatMachine::update_with_retry`] retries on exactly this.
     pub fn is_retryable(&self) -> bool {
         match self {
             Error::Store(e) => e.is_retryable(),
