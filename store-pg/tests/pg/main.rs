@@ -4,11 +4,13 @@
 //! both remedies.
 
 mod caches;
+mod commit;
 mod common;
 mod faults;
 mod locking;
 mod misc;
 mod notify;
+mod proxy;
 mod round_trips;
 mod schema;
 mod versions;
