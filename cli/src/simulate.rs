@@ -26,9 +26,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use chatstate::{
-    BusyBehavior, ChatId, ChatMachine, CreateChat, Error, ExecutionState, Input, JsonText,
-    MessageId, NewMessage, Notify, Options, Outcome, Owner, Part, PublishError, Publisher,
-    Rejection, Role, RunnerId, Store, ToolResultInput, Transition, Tx, WorkerId, create_chat,
+    BusyBehavior, ChatId, ChatMachine, CommitState, CreateChat, Error, ExecutionState, Input,
+    JsonText, MessageId, NewMessage, Notify, Options, Outcome, Owner, Part, PublishError,
+    Publisher, Rejection, Role, RunnerId, Snapshot, Store, ToolResultInput, Transition, Tx,
+    WorkerId, create_chat,
 };
 use chatstate_model::oracle::{
     self, CommittedUpdate, Config, CreatedChat, Published, StoredChat, Verdict,
@@ -286,6 +287,8 @@ struct Stats {
     /// a rejection kind.
     calls: BTreeMap<(Transition, &'static str), u64>,
     committed: Vec<CommittedUpdate>,
+    /// Updates whose commit outcome was unknown.
+    maybe_committed: Vec<CommittedUpdate>,
     created: Vec<CreatedChat>,
     acquisitions: u64,
     takeovers: u64,
@@ -313,6 +316,7 @@ impl Stats {
             *self.calls.entry(k).or_default() += v;
         }
         self.committed.extend(o.committed);
+        self.maybe_committed.extend(o.maybe_committed);
         self.created.extend(o.created);
         self.acquisitions += o.acquisitions;
         self.takeovers += o.takeovers;
@@ -368,38 +372,61 @@ async fn attempt<S: Store, T>(
 ) -> Attempted<T> {
     let started = Instant::now();
     let mut log = Log::default();
+    // What the callback saw, kept outside it: an Update that fails at
+    // commit may still have committed (see `record`).
+    let mut seen = None;
     let result = machine
         .update(async |tx| {
             let snap = tx.snapshot();
             let start = (snap.row.versions.snapshot, snap.now, snap.lease_fresh);
             let value = f(tx, &mut log).await?;
-            Ok((value, start, tx.snapshot().clone()))
+            seen = Some((start, tx.snapshot().clone()));
+            Ok(value)
         })
         .await;
+    let record = |log: Log, ((snapshot, now, lease_fresh), end): ((i64, _, bool), Snapshot)| {
+        CommittedUpdate {
+            chat: machine.chat_id(),
+            snapshot,
+            now,
+            lease_fresh,
+            calls: log.calls,
+            outcomes: log.outcomes,
+            end,
+            // Taken from the publisher's record at the end.
+            published: Vec::new(),
+        }
+    };
     let micros = u32::try_from(started.elapsed().as_micros()).unwrap_or(u32::MAX);
     let mut count = |t: Transition, outcome: &'static str| {
         *st.calls.entry((t, outcome)).or_default() += 1;
     };
     match result {
-        Ok((value, (snapshot, now, lease_fresh), end)) => {
+        Ok(value) => {
             for c in &log.calls {
                 count(c.input.transition(), "ok");
             }
             st.latencies_us.push(micros);
             sh.count_attempt();
             sh.committed.fetch_add(1, Ordering::Relaxed);
-            st.committed.push(CommittedUpdate {
-                chat: machine.chat_id(),
-                snapshot,
-                now,
-                lease_fresh,
-                calls: log.calls,
-                outcomes: log.outcomes,
-                end,
-                // Taken from the publisher's record at the end.
-                published: Vec::new(),
-            });
+            let seen = seen.expect("a committed Update ran its callback to the end");
+            st.committed.push(record(log, seen));
             Attempted::Committed(value)
+        }
+        // The store failed at or after commit; the error says whether the
+        // change is durable. Committed (publishing failed): recorded as
+        // committed. Unknown: recorded as maybe committed, for the oracle
+        // to settle from the stored snapshot versions.
+        Err(e) if e.commit_state() != CommitState::NotCommitted && seen.is_some() => {
+            let seen = seen.expect("checked");
+            st.store_failure(&e);
+            if e.commit_state() == CommitState::Committed {
+                sh.committed.fetch_add(1, Ordering::Relaxed);
+                st.committed.push(record(log, seen));
+            } else {
+                st.maybe_committed.push(record(log, seen));
+            }
+            Attempted::Failed
         }
         Err(Error::Rejected(r)) => {
             for c in &log.calls {
@@ -1157,7 +1184,11 @@ async fn run_on<S: Store>(store: S, args: &Args, seed: u64, stop: Stop) -> anyho
         options,
         exact_time: true,
     };
-    let verdict = oracle::check(&config, &created, &committed, &finals);
+    let mut maybe = std::mem::take(&mut stats.maybe_committed);
+    for u in &mut maybe {
+        u.published = published_at(u.chat, u.snapshot).unwrap_or_default();
+    }
+    let verdict = oracle::check_with_unknown(&config, &created, &committed, &maybe, &finals);
     let mut latencies = std::mem::take(&mut stats.latencies_us);
     latencies.sort_unstable();
     Ok(Summary {

@@ -4,6 +4,29 @@
 //! transition (an expected domain outcome, nothing changed), a store failure
 //! (infrastructure; nothing changed unless the variant says otherwise), and
 //! a publication failure after a commit (the change IS committed).
+//!
+//! # Commit outcomes
+//!
+//! Every error of an Update says whether its change is durable, through
+//! [`Error::commit_state`]:
+//!
+//! - [`CommitState::NotCommitted`]: nothing changed and nothing was
+//!   published; the Update may be retried as it is. This covers rejections,
+//!   callback errors, refused commits ([`Error::Poisoned`],
+//!   [`Error::NestedUpdateFailed`]) and every store failure but one, a lost
+//!   connection included once the store has resolved the transaction as
+//!   rolled back.
+//! - [`CommitState::Committed`]: the change is durable
+//!   ([`Error::PublishAfterCommit`]); do not retry it, receivers catch up on
+//!   their next reload. A commit whose connection was lost but that the
+//!   store resolved as committed is not an error at all: the Update returns
+//!   `Ok` and publishes as after any commit.
+//! - [`CommitState::Unknown`]: the connection was lost after the commit was
+//!   sent and the store could not find out how the transaction ended
+//!   ([`StoreErrorKind::OutcomeUnknown`]). The change may or may not be
+//!   durable and nothing was published; reload the chat (its
+//!   `snapshot_version` says whether the Update landed) before deciding to
+//!   retry.
 
 use std::error::Error as StdError;
 
@@ -19,7 +42,8 @@ pub enum Error {
     /// The chat does not exist (the lock found no row).
     #[error("chat not found: {0}")]
     ChatNotFound(ChatId),
-    /// The store failed; the transaction rolled back.
+    /// The store failed. The transaction rolled back, unless the kind is
+    /// [`StoreErrorKind::OutcomeUnknown`] (see [`Error::commit_state`]).
     #[error(transparent)]
     Store(#[from] StoreError),
     /// The transaction committed, but handing a notification to the
@@ -40,6 +64,31 @@ pub enum Error {
     /// The callback failed with an error of its own.
     #[error("update callback failed")]
     Callback(#[source] Box<dyn StdError + Send + Sync>),
+    /// A store error inside this transaction (returned to the callback,
+    /// which carried on) poisoned it: the store may hold part of that
+    /// statement's writes, so the transaction refuses to commit, rolls
+    /// back and publishes nothing.
+    #[error("a store error ({kind:?} in {context}) poisoned the transaction; it rolled back")]
+    Poisoned {
+        /// What the store was doing when it failed (the first failure).
+        context: &'static str,
+        /// The kind of that failure.
+        kind: StoreErrorKind,
+    },
+}
+
+/// Whether the change of a failed Update (or Lock, or chat creation) is
+/// durable. See the module docs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum CommitState {
+    /// The change is durable.
+    Committed,
+    /// Nothing changed; the operation may be retried.
+    NotCommitted,
+    /// The connection was lost after the commit was sent and the outcome
+    /// could not be resolved.
+    Unknown,
 }
 
 impl Error {
@@ -56,9 +105,19 @@ impl Error {
         }
     }
 
-    /// True if the change was committed despite the error.
+    /// Whether the change is durable despite the error.
+    pub fn commit_state(&self) -> CommitState {
+        match self {
+            Error::PublishAfterCommit { .. } => CommitState::Committed,
+            Error::Store(e) if e.kind == StoreErrorKind::OutcomeUnknown => CommitState::Unknown,
+            _ => CommitState::NotCommitted,
+        }
+    }
+
+    /// True if the change was committed despite the error (and only then:
+    /// an unknown outcome is not committed, see [`Error::commit_state`]).
     pub fn is_committed(&self) -> bool {
-        matches!(self, Error::PublishAfterCommit { .. })
+        self.commit_state() == CommitState::Committed
     }
 
     /// True if the chat does not exist, however that was found out: the
@@ -101,6 +160,7 @@ impl Error {
             Error::PublishAfterCommit { .. } => "PublishAfterCommit",
             Error::NestedUpdateFailed(_) => "NestedUpdateFailed",
             Error::Callback(_) => "Callback",
+            Error::Poisoned { .. } => "Poisoned",
         }
     }
 }

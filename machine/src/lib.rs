@@ -83,7 +83,7 @@ pub use chatstate_model::{
     Rejection, RejectionKind, Role, RunnerId, Snapshot, Timestamp, ToolResultInput, Transition,
     Versions, Visibility, WorkerId,
 };
-pub use error::{Error, FlushError, PublishError, StoreError, StoreErrorKind};
+pub use error::{CommitState, Error, FlushError, PublishError, StoreError, StoreErrorKind};
 pub use machine::{ChatMachine, CreateChat, Created, Fenced, Locked, ReadLocked, Tx, create_chat};
 pub use publish::{
     BroadcastPublisher, HighWaterMark, Notify, PublishBuffer, Published, Publisher,

@@ -11,7 +11,7 @@ use chatstate_model::{
 };
 use uuid::Uuid;
 
-use crate::error::Error;
+use crate::error::{Error, StoreError, StoreErrorKind};
 use crate::publish::{Notify, PublishBuffer};
 use crate::store::{
     ChatMetadata, ChatRecord, CreateOutcome, LockMode, MetadataPatch, Store, StoreTx,
@@ -137,6 +137,15 @@ impl<S: Store> ChatMachine<S> {
     /// published. On success exactly one `chat:update` is published after
     /// commit, plus a `chat:ownership` hint when the chat ends runnable
     /// without a fresh lease.
+    ///
+    /// A rejected transition leaves the transaction usable, but a store
+    /// error returned by any [`Tx`] method poisons it: even if `f` carries
+    /// on and returns `Ok`, the Update rolls back and fails with
+    /// [`Error::Poisoned`] (or [`Error::NestedUpdateFailed`] for a failed
+    /// nested Update). A failure at commit says whether the change is
+    /// durable ([`Error::commit_state`]); a commit whose connection was lost
+    /// but that the store resolved as committed returns `Ok` and publishes
+    /// as usual.
     pub async fn update<T>(
         &self,
         f: impl AsyncFnOnce(&mut Tx<'_, S>) -> Result<T, Error>,
@@ -165,9 +174,9 @@ impl<S: Store> ChatMachine<S> {
             }
         };
         let snap = tx.snap;
-        if let Some(chat) = poisoned {
+        if let Some(poison) = poisoned {
             let _ = stx.rollback().await;
-            return Err(Error::NestedUpdateFailed(chat));
+            return Err(poison.into_error());
         }
         let mut notes = nested;
         notes.extend(after_update(&snap));
@@ -193,9 +202,17 @@ impl<S: Store> ChatMachine<S> {
                 stx: &mut stx,
                 chat_id: self.chat_id,
                 snap,
+                poisoned: None,
             },
         };
         match f(&mut locked).await {
+            // A store error the callback carried on after: as in an Update,
+            // the transaction may hold part of a write and must not commit.
+            Ok(_) if locked.view.poisoned.is_some() => {
+                let poison = locked.view.poisoned.take().expect("checked");
+                let _ = stx.rollback().await;
+                Err(poison.into_error())
+            }
             Ok(v) => {
                 stx.commit(&[]).await?;
                 Ok(v)
@@ -224,6 +241,7 @@ impl<S: Store> ChatMachine<S> {
             stx: &mut stx,
             chat_id: self.chat_id,
             snap,
+            poisoned: None,
         };
         let out = f(&mut view).await;
         // Nothing was written: commit and rollback end the lock alike.
@@ -280,6 +298,46 @@ async fn publish_with_commit<T: StoreTx>(
     }
 }
 
+/// Why a transaction refuses to commit.
+#[derive(Clone, Copy, Debug)]
+enum Poison {
+    /// A nested Update of this chat failed.
+    Nested(ChatId),
+    /// A store operation failed (the first such failure).
+    Store {
+        context: &'static str,
+        kind: StoreErrorKind,
+    },
+}
+
+impl Poison {
+    fn into_error(self) -> Error {
+        match self {
+            Poison::Nested(chat) => Error::NestedUpdateFailed(chat),
+            Poison::Store { context, kind } => Error::Poisoned { context, kind },
+        }
+    }
+}
+
+/// Passes a store result through, recording the first store error in
+/// `poisoned`: a statement that failed may have written part of its rows
+/// (Postgres aborts the transaction; the in-memory store may not), so
+/// nothing after it may commit.
+fn poison_on_error<T>(
+    poisoned: &mut Option<Poison>,
+    result: Result<T, StoreError>,
+) -> Result<T, Error> {
+    result.map_err(|e| {
+        if poisoned.is_none() {
+            *poisoned = Some(Poison::Store {
+                context: e.context,
+                kind: e.kind,
+            });
+        }
+        Error::Store(e)
+    })
+}
+
 /// The transaction of an Update: one method per transition, the current
 /// snapshot, and a metadata view. There is no other access to the store, so
 /// execution state can only change through transitions.
@@ -289,7 +347,7 @@ pub struct Tx<'a, S: Store> {
     snap: Snapshot,
     options: &'a Options,
     nested: &'a mut Vec<Notification>,
-    poisoned: &'a mut Option<ChatId>,
+    poisoned: &'a mut Option<Poison>,
 }
 
 impl<S: Store> std::fmt::Debug for Tx<'_, S> {
@@ -340,7 +398,8 @@ impl<'a, S: Store> Tx<'a, S> {
     ) -> Result<Outcome, Error> {
         let edit: Option<EditContext> = match &input {
             Input::EditMessage { message_id, .. } => {
-                Some(self.stx.edit_context(self.chat_id, *message_id).await?)
+                let context = self.stx.edit_context(self.chat_id, *message_id).await;
+                Some(poison_on_error(self.poisoned, context)?)
             }
             _ => None,
         };
@@ -354,7 +413,8 @@ impl<'a, S: Store> Tx<'a, S> {
                 edit: edit.as_ref(),
             },
         )?;
-        let assigned = self.stx.apply(self.chat_id, &plan).await?;
+        let assigned = self.stx.apply(self.chat_id, &plan).await;
+        let assigned = poison_on_error(self.poisoned, assigned)?;
         self.snap.apply(&plan, &assigned);
         // matrix: every landed state is in its cell. The model checker proves
         // this for the model; the assertion keeps the runtime honest.
@@ -482,12 +542,14 @@ impl<'a, S: Store> Tx<'a, S> {
     /// Reads the whole chat (row, metadata, queue, history) as this
     /// transaction sees it.
     pub async fn load(&mut self) -> Result<ChatRecord, Error> {
-        Ok(self.stx.load(self.chat_id).await?)
+        let record = self.stx.load(self.chat_id).await;
+        poison_on_error(self.poisoned, record)
     }
 
     /// Writes metadata atomically with the transitions of this Update.
     pub async fn write_metadata(&mut self, patch: MetadataPatch) -> Result<(), Error> {
-        Ok(self.stx.write_metadata(self.chat_id, &patch).await?)
+        let done = self.stx.write_metadata(self.chat_id, &patch).await;
+        poison_on_error(self.poisoned, done)
     }
 
     /// Sets the title.
@@ -530,7 +592,7 @@ impl<'a, S: Store> Tx<'a, S> {
             Ok(Some(snap)) => snap,
             Ok(None) => return Err(Error::ChatNotFound(chat)),
             Err(e) => {
-                *self.poisoned = Some(chat);
+                *self.poisoned = Some(Poison::Nested(chat));
                 return Err(e.into());
             }
         };
@@ -549,7 +611,7 @@ impl<'a, S: Store> Tx<'a, S> {
                 Ok(v)
             }
             Err(e) => {
-                *self.poisoned = Some(chat);
+                *self.poisoned = Some(Poison::Nested(chat));
                 Err(e)
             }
         }
@@ -581,6 +643,8 @@ pub struct ReadLocked<'a, S: Store> {
     stx: &'a mut S::Tx,
     chat_id: ChatId,
     snap: Snapshot,
+    /// The first store error seen (a Lock then refuses to commit).
+    poisoned: Option<Poison>,
 }
 
 impl<S: Store> ReadLocked<'_, S> {
@@ -601,7 +665,8 @@ impl<S: Store> ReadLocked<'_, S> {
 
     /// Reads the whole chat.
     pub async fn load(&mut self) -> Result<ChatRecord, Error> {
-        Ok(self.stx.load(self.chat_id).await?)
+        let record = self.stx.load(self.chat_id).await;
+        poison_on_error(&mut self.poisoned, record)
     }
 }
 
@@ -627,11 +692,12 @@ impl<S: Store> std::ops::DerefMut for Locked<'_, S> {
 impl<S: Store> Locked<'_, S> {
     /// Writes metadata (committed with the lock's transaction).
     pub async fn write_metadata(&mut self, patch: MetadataPatch) -> Result<(), Error> {
-        Ok(self
+        let done = self
             .view
             .stx
             .write_metadata(self.view.chat_id, &patch)
-            .await?)
+            .await;
+        poison_on_error(&mut self.view.poisoned, done)
     }
 }
 

@@ -23,6 +23,16 @@
 //! 1), so the oracle pairs them as rows appear and checks that the pairing
 //! stays one-to-one.
 //!
+//! An Update whose commit outcome was unknown to the caller (the store
+//! lost the connection after `COMMIT` was sent and could not resolve it)
+//! is recorded as *maybe committed* ([`check_with_unknown`]). The stored
+//! chat settles it: snapshot versions are allocated by the row lock, so a
+//! maybe-committed Update with snapshot `s` committed exactly when `s` is
+//! at most the stored chat's snapshot version and no Update recorded as
+//! committed has `s`. When several maybe-committed Updates share an
+//! unclaimed `s` (each rolled back but the last), the one whose replay the
+//! model accepts is taken.
+//!
 //! The oracle is pure: its callers (`chatstate simulate`, the concurrency
 //! fuzz tests) record what their store did and hand the record over
 //! afterwards.
@@ -181,18 +191,39 @@ pub fn check<'a>(
     committed: impl IntoIterator<Item = &'a CommittedUpdate>,
     stored: &BTreeMap<ChatId, StoredChat>,
 ) -> Verdict {
+    check_with_unknown(config, created, committed, [], stored)
+}
+
+/// [`check`], with Updates whose commit outcome is unknown (`maybe`,
+/// recorded as if committed: what their callback did and would have
+/// published). Each counts as committed or not as the stored snapshot
+/// versions say (see the module docs); a maybe-committed Update that
+/// committed must replay like any other.
+pub fn check_with_unknown<'a>(
+    config: &Config,
+    created: &[CreatedChat],
+    committed: impl IntoIterator<Item = &'a CommittedUpdate>,
+    maybe: impl IntoIterator<Item = &'a CommittedUpdate>,
+    stored: &BTreeMap<ChatId, StoredChat>,
+) -> Verdict {
     let mut by_chat: BTreeMap<ChatId, Vec<&CommittedUpdate>> = BTreeMap::new();
     for u in committed {
         by_chat.entry(u.chat).or_default().push(u);
     }
+    let mut maybe_by_chat: BTreeMap<ChatId, Vec<&CommittedUpdate>> = BTreeMap::new();
+    for u in maybe {
+        maybe_by_chat.entry(u.chat).or_default().push(u);
+    }
     let mut verdict = Verdict::default();
     for chat in created {
         let id = chat.new.id;
-        let mut updates = by_chat.remove(&id).unwrap_or_default();
-        updates.sort_by_key(|u| u.snapshot);
+        let updates = by_chat.remove(&id).unwrap_or_default();
+        let maybe = maybe_by_chat.remove(&id).unwrap_or_default();
+        let last = stored.get(&id).map(|s| s.row.versions.snapshot);
+        let steps = steps(updates, maybe, last);
         verdict.chats_checked += 1;
         let mut checker = ChatCheck::new(config);
-        if let Err(f) = checker.run(chat, &updates, stored.get(&id)) {
+        if let Err(f) = checker.run(chat, &steps, stored.get(&id)) {
             verdict.violations.push(Violation {
                 chat: id,
                 snapshot: f.snapshot,
@@ -202,6 +233,8 @@ pub fn check<'a>(
         }
         verdict.updates_checked += checker.checked;
     }
+    // A maybe-committed Update of a chat nobody recorded creating is not
+    // evidence of anything by itself; the committed ones are.
     for (id, updates) in by_chat {
         verdict.violations.push(Violation {
             chat: id,
@@ -214,6 +247,51 @@ pub fn check<'a>(
         });
     }
     verdict
+}
+
+/// A chat's Updates in snapshot order, as candidates per step: the
+/// committed ones each alone (duplicates stay, for the replay to report),
+/// and for a snapshot version no committed Update has, the maybe-committed
+/// ones with it, if the stored chat reached it (`last`).
+fn steps<'a>(
+    committed: Vec<&'a CommittedUpdate>,
+    maybe: Vec<&'a CommittedUpdate>,
+    last: Option<i64>,
+) -> Vec<Step<'a>> {
+    let mut by_snapshot: BTreeMap<i64, (Vec<&CommittedUpdate>, Vec<&CommittedUpdate>)> =
+        BTreeMap::new();
+    for u in committed {
+        by_snapshot.entry(u.snapshot).or_default().0.push(u);
+    }
+    for u in maybe {
+        if last.is_some_and(|last| u.snapshot <= last) {
+            by_snapshot.entry(u.snapshot).or_default().1.push(u);
+        }
+    }
+    let mut steps = Vec::new();
+    for (_, (committed, maybe)) in by_snapshot {
+        if committed.is_empty() {
+            steps.push(Step {
+                maybe: true,
+                candidates: maybe,
+            });
+        } else {
+            steps.extend(committed.into_iter().map(|u| Step {
+                maybe: false,
+                candidates: vec![u],
+            }));
+        }
+    }
+    steps
+}
+
+/// One committed Update of a chat's replay, or the maybe-committed ones
+/// of which one committed.
+struct Step<'a> {
+    /// The candidates were recorded as maybe committed: their caller saw
+    /// no commit, so a publisher after commit got nothing from them.
+    maybe: bool,
+    candidates: Vec<&'a CommittedUpdate>,
 }
 
 /// Why a chat's replay stopped.
@@ -264,7 +342,7 @@ impl Fail {
 }
 
 /// A one-to-one pairing of store row ids and model row ids.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 struct IdMap {
     to_model: BTreeMap<i64, i64>,
     to_store: BTreeMap<i64, i64>,
@@ -313,7 +391,7 @@ impl<'a> ChatCheck<'a> {
     fn run(
         &mut self,
         created: &CreatedChat,
-        updates: &[&CommittedUpdate],
+        steps: &[Step<'_>],
         stored: Option<&StoredChat>,
     ) -> Result<(), Fail> {
         let mut model = Chat::create(&created.new)
@@ -332,7 +410,10 @@ impl<'a> ChatCheck<'a> {
                 want,
             ));
         }
-        for u in updates {
+        for Step { maybe, candidates } in steps {
+            let Some(u) = candidates.first() else {
+                continue;
+            };
             let expected = model.row.versions.snapshot + 1;
             if u.snapshot != expected {
                 return Err(format!(
@@ -342,7 +423,12 @@ impl<'a> ChatCheck<'a> {
                 )
                 .into());
             }
-            self.step(&mut model, u).map_err(|f| f.at(u.snapshot))?;
+            if let [u] = candidates.as_slice() {
+                self.step(&mut model, u, *maybe)
+                    .map_err(|f| f.at(u.snapshot))?;
+            } else {
+                self.step_one_of(&mut model, candidates)?;
+            }
             self.checked += 1;
         }
         let Some(stored) = stored else {
@@ -351,7 +437,37 @@ impl<'a> ChatCheck<'a> {
         self.compare_final(&model, stored)
     }
 
-    fn step(&mut self, model: &mut Chat, u: &CommittedUpdate) -> Result<(), Fail> {
+    /// Steps the first of several maybe-committed Updates (of one snapshot
+    /// version) whose replay the model accepts; the failure of the first
+    /// if none does.
+    fn step_one_of(
+        &mut self,
+        model: &mut Chat,
+        candidates: &[&CommittedUpdate],
+    ) -> Result<(), Fail> {
+        let mut first = None;
+        for u in candidates {
+            let (mut m, messages, queued) =
+                (model.clone(), self.messages.clone(), self.queued.clone());
+            match self.step(&mut m, u, true) {
+                Ok(()) => {
+                    *model = m;
+                    return Ok(());
+                }
+                Err(f) => {
+                    self.messages = messages;
+                    self.queued = queued;
+                    first.get_or_insert(f.at(u.snapshot));
+                }
+            }
+        }
+        Err(first.unwrap_or_else(|| "no candidate Update".into()))
+    }
+
+    /// Replays one committed Update. Of a `maybe` committed one, what was
+    /// published may also be nothing (an unknown outcome publishes nothing
+    /// after commit; notifications sent with the commit went out).
+    fn step(&mut self, model: &mut Chat, u: &CommittedUpdate, maybe: bool) -> Result<(), Fail> {
         let options = &self.config.options;
         // Lease freshness as the store saw it when locking: the heartbeats
         // themselves run outside Updates, concurrently.
@@ -421,7 +537,7 @@ impl<'a> ChatCheck<'a> {
             return Err(Fail::differs("snapshot differs", end, snap));
         }
         let want = published(&done.notifications);
-        if u.published != want {
+        if u.published != want && !(maybe && u.published.is_empty()) {
             return Err(Fail::differs("published", u.published.clone(), want));
         }
         *model = done.chat;

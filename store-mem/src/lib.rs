@@ -14,7 +14,10 @@
 //!
 //! Store time comes from an injectable clock ([`MemClock`]); tests move it
 //! with [`TestControl::advance_clock`]. Fault injection ([`MemStore::fail_nth_call`],
-//! [`MemStore::fail_every_nth_call`]) makes store calls fail on purpose.
+//! [`MemStore::fail_every_nth_call`]) makes store calls fail on purpose;
+//! [`MemStore::lose_nth_commit`] and [`MemStore::lose_every_nth_commit`]
+//! make a commit apply and then report its outcome as unknown, as a
+//! connection lost after `COMMIT` was sent does on a real database.
 //! Notifications given to a commit ([`Notify::InTransaction`](chatstate::Notify))
 //! go out on the store's own bus ([`MemStore::subscribe`]) at the moment of
 //! commit, in commit order per chat.
@@ -117,6 +120,12 @@ struct Faults {
     /// Every n-th call fails (0: none).
     fail_every: AtomicU64,
     injected: AtomicU64,
+    /// Commits (of Updates, Locks and chat creations) so far.
+    commits: AtomicU64,
+    /// The absolute commit number whose outcome is lost (0: none).
+    lose_at: AtomicU64,
+    /// Every n-th commit's outcome is lost (0: none).
+    lose_every: AtomicU64,
 }
 
 /// One chat: its row lock and its data. The data mutex is held only for
@@ -253,6 +262,22 @@ impl MemStore {
         self.inner.faults.fail_every.store(n, Ordering::SeqCst);
     }
 
+    /// Makes the `n`-th commit from now (1 = the next one; Updates, Locks
+    /// and chat creations count) apply, deliver its notifications, and then
+    /// fail with [`StoreErrorKind::OutcomeUnknown`], as if the connection
+    /// had been lost after `COMMIT` was sent.
+    pub fn lose_nth_commit(&self, n: u64) {
+        let f = &self.inner.faults;
+        f.lose_at
+            .store(f.commits.load(Ordering::SeqCst) + n, Ordering::SeqCst);
+    }
+
+    /// Makes every `n`-th commit from now on apply and then report an
+    /// unknown outcome (0 turns it off); see [`MemStore::lose_nth_commit`].
+    pub fn lose_every_nth_commit(&self, n: u64) {
+        self.inner.faults.lose_every.store(n, Ordering::SeqCst);
+    }
+
     /// Store calls made so far.
     pub fn calls(&self) -> u64 {
         self.inner.faults.calls.load(Ordering::SeqCst)
@@ -319,6 +344,23 @@ impl MemStore {
 }
 
 impl Inner {
+    /// Counts a commit that has been applied, and reports its outcome as
+    /// unknown if a lost commit is due.
+    fn committed(&self, context: &'static str) -> Result<(), StoreError> {
+        let f = &self.faults;
+        let n = f.commits.fetch_add(1, Ordering::SeqCst) + 1;
+        let every = f.lose_every.load(Ordering::SeqCst);
+        if f.lose_at.load(Ordering::SeqCst) == n || (every > 0 && n.is_multiple_of(every)) {
+            f.injected.fetch_add(1, Ordering::SeqCst);
+            return Err(StoreError::new(
+                context,
+                StoreErrorKind::OutcomeUnknown,
+                "injected: the commit applied, its outcome was lost",
+            ));
+        }
+        Ok(())
+    }
+
     /// Counts a store call and fails it if a fault is due.
     fn call(&self, context: &'static str) -> Result<(), StoreError> {
         let f = &self.faults;
@@ -558,6 +600,8 @@ impl Store for MemStore {
         // Delivered while the map is still locked: no one can lock the new
         // chat before its creation is announced.
         self.inner.deliver(notify);
+        drop(chats);
+        self.inner.committed("create chat")?;
         Ok(CreateOutcome::Created(ids))
     }
 
@@ -772,7 +816,7 @@ impl StoreTx for MemTx {
         // one chat leave in commit order.
         self.inner.deliver(notify);
         self.locks.clear();
-        Ok(())
+        self.inner.committed("commit")
     }
 
     async fn rollback(self) -> Result<(), StoreError> {

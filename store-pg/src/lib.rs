@@ -81,6 +81,7 @@ pub mod goshape;
 mod idle;
 mod jsonb;
 mod listen;
+mod resolve;
 pub mod throwaway;
 mod tx;
 
@@ -100,11 +101,13 @@ use sqlx::{PgPool, Postgres};
 
 pub use error::PgStoreFault;
 pub use listen::{LISTENER_APPLICATION_NAME, ListenerEvent, PgNotifyListener, update_channel};
+pub use resolve::CommitLost;
 pub use tx::PgTx;
 
 use crate::decode::get;
 use crate::error::{is_foreign_key_violation, store_error};
 use crate::idle::IdleConnections;
+use crate::resolve::Resolver;
 use crate::sql::Opening;
 use crate::tx::{RoundTrips, bind_row, message_json, micros, stored_json, tool_state_json};
 
@@ -211,6 +214,13 @@ pub fn pool_options() -> PgPoolOptions {
         .max_connections(16)
         .after_connect(|conn, _meta| {
             Box::pin(async move {
+                // Chat creation and heartbeats run as single statements in
+                // implicit transactions, which take the session's default
+                // isolation level; pin it whatever the database's default
+                // is (transactions the store opens state it themselves).
+                sqlx::raw_sql(sql::SESSION_READ_COMMITTED)
+                    .execute(&mut *conn)
+                    .await?;
                 // The tables may not exist yet (a pool made before
                 // migrating): then the openings prepare on first use.
                 let _ = tx::prepare(conn, &[]).await;
@@ -284,6 +294,7 @@ impl PgStore {
             conn,
             self.idle.clone(),
             self.round_trips.clone(),
+            Resolver::new(self.pool.connect_options()),
             opening,
             chat,
             options,
@@ -384,7 +395,9 @@ impl Store for PgStore {
             .bind(tool_state)
             .fetch_one(&mut *conn)
             .await
-            .map_err(|e| store_error(CONTEXT, e))?;
+            // The statement commits on its own; a lost connection may have
+            // come after its commit (see `resolve::implicit`).
+            .map_err(|e| resolve::implicit(store_error(CONTEXT, e)))?;
         let created: i64 = get(&out, CONTEXT, "created")?;
         if created == 1 {
             self.keep(conn);
@@ -438,7 +451,7 @@ impl Store for PgStore {
             // The chat was deleted between the existence check and the
             // foreign-key check: it does not exist.
             Err(e) if is_foreign_key_violation(&e) => Ok(false),
-            Err(e) => Err(store_error(CONTEXT, e)),
+            Err(e) => Err(resolve::implicit(store_error(CONTEXT, e))),
         }
     }
 }

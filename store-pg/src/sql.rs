@@ -84,9 +84,13 @@ pub(crate) const PREPARED: [(&str, &str); 4] = [
         "chatstate_set_version",
         "(uuid, bigint) AS UPDATE chats SET snapshot_version = $2 WHERE id = $1",
     ),
+    // The exclusive lock also returns the transaction id (the row lock
+    // assigns one anyway), so that a commit whose connection is lost can
+    // be resolved without a round trip more (see `crate::resolve`).
     (
         "chatstate_lock_exclusive",
-        "(uuid) AS SELECT FROM chats WHERE id = $1 FOR NO KEY UPDATE",
+        "(uuid) AS SELECT pg_current_xact_id()::text::bigint AS xid \
+         FROM chats WHERE id = $1 FOR NO KEY UPDATE",
     ),
     (
         "chatstate_lock_shared",
@@ -131,9 +135,27 @@ pub(crate) enum Opening {
     Shared,
 }
 
+/// Sets the session's default isolation level to READ COMMITTED, for the
+/// single statements that run in implicit transactions (chat creation,
+/// heartbeats). Sent once per connection, when it is set up.
+pub(crate) const SESSION_READ_COMMITTED: &str =
+    "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL READ COMMITTED";
+
+/// The status of a transaction by id (`'committed'`, `'aborted'`, `'in
+/// progress'`, or NULL when it is too old to tell). `$1` the id.
+pub(crate) const XACT_STATUS: &str = "SELECT pg_xact_status($1::text::xid8) AS status";
+
 /// The simple query that opens a transaction (or a nested Update) on a
-/// chat: one message, one round trip. The lock statement returns no
-/// columns, so the only row with columns is the snapshot's.
+/// chat: one message, one round trip. The exclusive lock statement returns
+/// the transaction id (`xid`), the shared one no columns; the snapshot's
+/// row is the last one.
+///
+/// Every transaction begins with `BEGIN ISOLATION LEVEL READ COMMITTED`:
+/// the isolation level is stated, never inherited, since the locking
+/// protocol is built on READ COMMITTED (a statement that waited for a row
+/// lock sees the row as its holder committed it). Under a database default
+/// of REPEATABLE READ or SERIALIZABLE, contended Updates would otherwise
+/// fail with serialization errors.
 ///
 /// Update and Lock take the same FOR NO KEY UPDATE row lock (an Update's
 /// bump is written later, with the plan's row or with the commit; see
@@ -142,9 +164,11 @@ pub(crate) enum Opening {
 /// check takes, so heartbeat upserts never wait for an open Update.
 pub(crate) fn opening(opening: Opening, chat: uuid::Uuid, stale_us: i64) -> String {
     let lock = match opening {
-        Opening::Update | Opening::Exclusive => "BEGIN; EXECUTE chatstate_lock_exclusive",
+        Opening::Update | Opening::Exclusive => {
+            "BEGIN ISOLATION LEVEL READ COMMITTED; EXECUTE chatstate_lock_exclusive"
+        }
         Opening::Nested => "EXECUTE chatstate_lock_exclusive",
-        Opening::Shared => "BEGIN; EXECUTE chatstate_lock_shared",
+        Opening::Shared => "BEGIN ISOLATION LEVEL READ COMMITTED; EXECUTE chatstate_lock_shared",
     };
     let chat = chat.hyphenated();
     format!("{lock}('{chat}'::uuid); EXECUTE chatstate_snapshot('{chat}'::uuid, {stale_us})")
@@ -629,7 +653,7 @@ mod tests {
         assert_eq!(
             opening(Opening::Update, id, 30_000_000),
             format!(
-                "BEGIN; EXECUTE chatstate_lock_exclusive({nil}); \
+                "BEGIN ISOLATION LEVEL READ COMMITTED; EXECUTE chatstate_lock_exclusive({nil}); \
                  EXECUTE chatstate_snapshot({nil}, 30000000)"
             )
         );

@@ -81,6 +81,8 @@ pub struct Cluster {
     admin: PgConnectOptions,
     /// The data directory of a throwaway cluster.
     data_dir: Option<PathBuf>,
+    /// How to run the throwaway cluster's server (for a restart).
+    server: Option<Server>,
     /// The watchdog that stops the throwaway cluster at process exit. Its
     /// stdin is a pipe nobody writes to; holding it open is its purpose.
     _watchdog: Option<Child>,
@@ -135,11 +137,9 @@ impl Cluster {
             .username("postgres")
             .database("postgres")
             .ssl_mode(PgSslMode::Disable);
-        Ok(Cluster::with_admin(
-            admin,
-            Some(server.data_dir),
-            Some(watchdog),
-        ))
+        let mut cluster = Cluster::with_admin(admin, Some(server.data_dir.clone()), Some(watchdog));
+        cluster.server = Some(server);
+        Ok(cluster)
     }
 
     /// A harness on an existing server: test databases are created through
@@ -159,6 +159,7 @@ impl Cluster {
         Cluster {
             admin,
             data_dir,
+            server: None,
             _watchdog: watchdog,
             template: tokio::sync::OnceCell::new(),
             tag: uuid::Uuid::new_v4().simple().to_string()[..12].to_owned(),
@@ -176,6 +177,25 @@ impl Cluster {
     pub fn socket_dir(&self) -> Option<PathBuf> {
         let data = self.data_dir.as_deref()?;
         Some(data.parent()?.join("socket"))
+    }
+
+    /// Stops the throwaway cluster at once (`pg_ctl stop -m immediate`:
+    /// every backend is killed without a shutdown checkpoint, as in a
+    /// crash) and starts it again with the same options, returning once it
+    /// accepts connections (after crash recovery). Every open connection is
+    /// lost. Blocks the calling thread. Fails for the server of
+    /// `DATABASE_URL`, which is not the harness's to stop.
+    pub fn restart_immediately(&self) -> Result<(), HarnessError> {
+        let server = self
+            .server
+            .as_ref()
+            .ok_or_else(|| unavailable("only a throwaway cluster can be restarted"))?;
+        let mut cmd = server.command("pg_ctl");
+        cmd.arg("-D")
+            .arg(&server.data_dir)
+            .args(["-m", "immediate", "-w", "stop"]);
+        run(cmd, "pg_ctl stop -m immediate")?;
+        server.start()
     }
 
     /// Connect options for a database of this server.

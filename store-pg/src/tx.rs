@@ -37,7 +37,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use chatstate::{ChatRecord, MetadataPatch, StoreError, StoreTx};
+use chatstate::{ChatRecord, MetadataPatch, StoreError, StoreErrorKind, StoreTx};
 use chatstate_model::{
     Assigned, ChatId, EditContext, EditTarget, JsonText, MAX_PAYLOAD_BYTES, MessageId,
     Notification, Options, Plan, QueuedMessageId, Snapshot, ToolState, content_to_value,
@@ -50,6 +50,7 @@ use crate::decode::{self, get};
 use crate::error::{PgStoreFault, store_error};
 use crate::idle::IdleConnections;
 use crate::jsonb;
+use crate::resolve::Resolver;
 use crate::sql::{self, Opening};
 
 /// Counts requests awaited from the server, shared by a store and its
@@ -109,6 +110,11 @@ pub struct PgTx {
     exclusive: Vec<Versioned>,
     /// Chats this transaction locked at all.
     locked: Vec<ChatId>,
+    /// The transaction id, returned by the exclusive lock (a shared lock
+    /// writes nothing, so its commit needs no resolution).
+    xid: Option<i64>,
+    /// Resolves a commit whose connection was lost.
+    resolver: Resolver,
 }
 
 /// The snapshot version of an exclusively locked chat: as stored (in this
@@ -157,6 +163,7 @@ impl PgTx {
         conn: PoolConnection<Postgres>,
         idle: Arc<IdleConnections>,
         round_trips: RoundTrips,
+        resolver: Resolver,
         opening: Opening,
         chat: ChatId,
         options: &Options,
@@ -171,6 +178,8 @@ impl PgTx {
             aborted: false,
             exclusive: Vec::new(),
             locked: Vec::new(),
+            xid: None,
+            resolver,
         };
         match tx.lock(opening, chat, options).await? {
             Some(snap) => Ok(Some((tx, snap))),
@@ -199,14 +208,19 @@ impl PgTx {
             // A session whose statements were never prepared (a pool not
             // made with `pool_options`, or one reset by a pooler): prepare
             // them and open again. A nested opening cannot get here, since
-            // the outer opening ran on this session.
+            // the outer opening ran on this session. Such a session was not
+            // set up by `pool_options` either, so it gets the isolation
+            // level of chat creation and heartbeats pinned here too.
             Err(e) if is_unprepared(&e) && opening != Opening::Nested => {
                 self.round_trips.tick();
-                let names =
-                    sqlx::raw_sql(AssertSqlSafe(format!("ROLLBACK; {}", sql::PREPARED_NAMES)))
-                        .fetch_all(&mut **self.conn())
-                        .await
-                        .map_err(|e| self.failed(CONTEXT, e))?;
+                let names = sqlx::raw_sql(AssertSqlSafe(format!(
+                    "ROLLBACK; {}; {}",
+                    sql::SESSION_READ_COMMITTED,
+                    sql::PREPARED_NAMES
+                )))
+                .fetch_all(&mut **self.conn())
+                .await
+                .map_err(|e| self.failed(CONTEXT, e))?;
                 let names: Vec<String> = names
                     .iter()
                     .map(|r| get(r, CONTEXT, "name"))
@@ -219,8 +233,17 @@ impl PgTx {
             }
             Err(e) => return Err(self.failed(CONTEXT, e)),
         };
-        // The lock statement's rows have no columns; the snapshot's has.
-        let Some(row) = rows.iter().rev().find(|r| !sqlx::Row::is_empty(*r)) else {
+        // The exclusive lock's row carries the transaction id only; the
+        // shared lock's has no columns; the snapshot's row comes last.
+        let is_xid = |r: &PgRow| sqlx::Row::try_column(r, "xid").is_ok();
+        if let Some(row) = rows.iter().find(|r| is_xid(r)) {
+            self.xid = Some(get(row, CONTEXT, "xid")?);
+        }
+        let Some(row) = rows
+            .iter()
+            .rev()
+            .find(|r| !sqlx::Row::is_empty(*r) && !is_xid(r))
+        else {
             return Ok(None);
         };
         let mut snap = decode::snapshot(row, CONTEXT)?;
@@ -723,9 +746,24 @@ impl StoreTx for PgTx {
         }
         text.push_str(&notifications);
         text.push_str("COMMIT");
-        self.simple(CONTEXT, text).await?;
-        self.open = false;
-        Ok(())
+        match self.simple(CONTEXT, text).await {
+            Ok(_) => {
+                self.open = false;
+                Ok(())
+            }
+            // The connection failed with COMMIT sent (or about to be): the
+            // server may have committed. Ask a fresh connection (see
+            // `resolve`). The dead connection stays marked open, so Drop
+            // closes it instead of reusing it.
+            Err(lost) if lost.kind == StoreErrorKind::Connection => match self.xid {
+                Some(xid) => self.resolver.commit(CONTEXT, xid, lost).await,
+                // Only a shared lock has no id, and it wrote nothing:
+                // committed or not, nothing changed.
+                None => Err(lost),
+            },
+            // The server answered with an error: it rolled back.
+            Err(e) => Err(e),
+        }
     }
 
     async fn rollback(mut self) -> Result<(), StoreError> {

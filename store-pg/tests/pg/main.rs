@@ -4,6 +4,7 @@
 //! both remedies.
 
 mod caches;
+mod commit;
 mod common;
 mod failures;
 mod faults;
@@ -11,6 +12,7 @@ mod listener_cancel;
 mod locking;
 mod misc;
 mod notify;
+mod proxy;
 mod round_trips;
 mod schema;
 mod versions;
