@@ -13,8 +13,8 @@ use std::collections::BTreeSet;
 use serde::{Deserialize, Serialize};
 
 use crate::data::{
-    ChatRow, JsonText, MessageId, NewMessage, NewQueued, Part, QueuedMessageId, Role, RunnerId,
-    Timestamp, ToolState, Visibility,
+    ChatRow, JsonError, JsonText, MessageId, NewMessage, NewQueued, Part, QueuedMessageId, Role,
+    RunnerId, Timestamp, ToolState, Visibility,
 };
 use crate::input::{BusyBehavior, Input, Options};
 use crate::reject::{Rejection, RejectionKind, reasons};
@@ -44,6 +44,22 @@ pub fn default_reconcile_error() -> JsonText {
     JsonText::from_value(&serde_json::json!({
         "message": "chat was in an invalid state; send a new message or edit history to continue"
     }))
+    .expect("a flat object is within the depth limit")
+}
+
+/// The chat's `last_model_config_id` after inserting `messages`: the last
+/// non-null model configuration among them, else `current` (spec: every
+/// message insert sets it, so synthetic cancellations and the promotion
+/// fallback follow the conversation).
+pub(crate) fn last_model_config(
+    current: Option<uuid::Uuid>,
+    messages: &[NewMessage],
+) -> Option<uuid::Uuid> {
+    messages
+        .iter()
+        .rev()
+        .find_map(|m| m.model_config_id)
+        .or(current)
 }
 
 /// What one transition sees of a locked chat.
@@ -492,10 +508,16 @@ pub fn decide(snap: &Snapshot, input: &Input, env: &Env<'_>) -> Result<Plan, Rej
                         tool_call_id: r.tool_call_id.clone(),
                     }));
                 }
-                let Ok(output) = JsonText::parse(&r.output) else {
-                    return Err(reject(RejectionKind::ToolResultInvalidJson {
-                        tool_call_id: r.tool_call_id.clone(),
-                    }));
+                let output = match JsonText::parse(&r.output) {
+                    Ok(output) => output,
+                    Err(JsonError::TooDeep { depth, max }) => {
+                        return Err(reject(RejectionKind::JsonTooDeep { depth, max }));
+                    }
+                    Err(_) => {
+                        return Err(reject(RejectionKind::ToolResultInvalidJson {
+                            tool_call_id: r.tool_call_id.clone(),
+                        }));
+                    }
                 };
                 outputs.push(output);
             }
@@ -543,8 +565,12 @@ pub fn decide(snap: &Snapshot, input: &Input, env: &Env<'_>) -> Result<Plan, Rej
             if retry_state.trim().is_empty() {
                 return Err(not_allowed(reasons::RETRY_MISSING));
             }
-            let Ok(value) = JsonText::parse(retry_state) else {
-                return Err(not_allowed(reasons::RETRY_INVALID));
+            let value = match JsonText::parse(retry_state) {
+                Ok(value) => value,
+                Err(JsonError::TooDeep { depth, max }) => {
+                    return Err(reject(RejectionKind::JsonTooDeep { depth, max }));
+                }
+                Err(_) => return Err(not_allowed(reasons::RETRY_INVALID)),
             };
             if value.is_null() {
                 return Err(not_allowed(reasons::RETRY_MISSING));
@@ -704,9 +730,12 @@ impl<'s> Draft<'s> {
         }
     }
 
-    /// Appends a history message and accounts for its tool parts.
+    /// Appends a history message and accounts for its tool parts and its
+    /// model configuration.
     fn insert(&mut self, m: NewMessage) {
         self.tools.observe(m.role, &m.content);
+        self.row.last_model_config_id =
+            last_model_config(self.row.last_model_config_id, std::slice::from_ref(&m));
         self.messages.push(m);
     }
 

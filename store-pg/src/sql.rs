@@ -335,7 +335,7 @@ const SHAPES: usize = 1 << 10;
 /// retry-state versions, `$25` the tool bookkeeping afterwards (JSON),
 /// `$26` the queue afterwards without the appended row, `$27..$31` the
 /// single message's role, content (JSON text), visibility, model config
-/// and creator.
+/// and creator, `$32` the row's last model configuration.
 pub(crate) fn apply(shape: Shape) -> &'static str {
     static TEXTS: [std::sync::OnceLock<String>; SHAPES] =
         [const { std::sync::OnceLock::new() }; SHAPES];
@@ -350,7 +350,7 @@ fn chat_sets(shape: Shape) -> String {
         requires_action_deadline_at = 'epoch'::timestamptz + $19::bigint * interval '1 microsecond',
         compaction_requested_at = 'epoch'::timestamptz + $20::bigint * interval '1 microsecond',
         snapshot_version = $21, history_version = $22, queue_version = $23,
-        retry_state_version = $24, updated_at = now()"
+        retry_state_version = $24, last_model_config_id = $32, updated_at = now()"
     } else {
         "snapshot_version = $21"
     }];
