@@ -193,11 +193,31 @@ impl TraceMessage {
 }
 
 /// Message content: a list of parts, or a string as one text part.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize)]
 #[serde(untagged)]
 pub(crate) enum Content {
     Text(String),
     Parts(Vec<Part>),
+}
+
+impl<'de> Deserialize<'de> for Content {
+    /// By hand rather than untagged, so a part the model refuses (nested
+    /// too deep) says why instead of "did not match any variant".
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error as _;
+        match serde_json::Value::deserialize(d)? {
+            serde_json::Value::String(text) => Ok(Content::Text(text)),
+            serde_json::Value::Array(items) => items
+                .iter()
+                .map(Part::from_value)
+                .collect::<Result<_, _>>()
+                .map(Content::Parts)
+                .map_err(D::Error::custom),
+            other => Err(D::Error::custom(format!(
+                "content must be a string or an array of parts, not {other}"
+            ))),
+        }
+    }
 }
 
 impl Content {

@@ -879,3 +879,93 @@ impl<'s> Draft<'s> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use uuid::Uuid;
+
+    use super::*;
+    use crate::chat::{Chat, NewChat, StepEnv, step};
+    use crate::data::ChatId;
+
+    fn with(m: NewMessage, config: Option<Uuid>) -> NewMessage {
+        NewMessage {
+            model_config_id: config,
+            ..m
+        }
+    }
+
+    /// Spec (model.md §7.6): a message insert sets `last_model_config_id`
+    /// to the last non-null model configuration of the batch; a batch
+    /// without one leaves it; synthetic cancellations carry it.
+    #[test]
+    fn inserts_set_the_last_model_config() {
+        let (a, b, c) = (Uuid::from_u128(1), Uuid::from_u128(2), Uuid::from_u128(3));
+        let options = Options::default();
+        let env = StepEnv::new(Timestamp(0), &options);
+        let chat = Chat::create(&NewChat {
+            id: ChatId(Uuid::from_u128(9)),
+            owner_id: Uuid::from_u128(8),
+            dynamic_tools: Default::default(),
+            last_model_config_id: Some(c),
+            messages: vec![
+                with(NewMessage::user("one"), Some(a)),
+                with(NewMessage::user("two"), None),
+            ],
+        })
+        .unwrap();
+        assert_eq!(
+            chat.row.last_model_config_id,
+            Some(a),
+            "creation inserts too"
+        );
+        let commit = |messages| Input::CommitStep {
+            messages,
+            consume_compaction_request: false,
+        };
+        let call = NewMessage::new(Role::Assistant, vec![Part::tool_call("s1", "srv")]);
+        let (chat, _) = step(
+            &chat,
+            &commit(vec![
+                with(call, Some(b)),
+                with(NewMessage::assistant("late"), None),
+            ]),
+            &env,
+        )
+        .unwrap();
+        assert_eq!(chat.row.last_model_config_id, Some(b));
+        let (chat, _) = step(&chat, &commit(vec![NewMessage::assistant("x")]), &env).unwrap();
+        assert_eq!(chat.row.last_model_config_id, Some(b), "no config: kept");
+        let (chat, _) = step(&chat, &Input::FinishTurn, &env).unwrap();
+        let call = NewMessage::new(Role::Assistant, vec![Part::tool_call("s2", "srv")]);
+        let (chat, _) = step(
+            &chat,
+            &Input::SendMessage {
+                message: with(NewMessage::user("go"), Some(c)),
+                busy_behavior: BusyBehavior::Queue,
+            },
+            &env,
+        )
+        .unwrap();
+        assert_eq!(chat.row.last_model_config_id, Some(c));
+        let (chat, _) = step(&chat, &commit(vec![call]), &env).unwrap();
+        let (chat, out) = step(&chat, &Input::Interrupt { reason: None }, &env).unwrap();
+        assert_eq!(out.to, ExecutionState::I0);
+        let (chat, out) = step(
+            &chat,
+            &Input::FinishInterruption {
+                partial_messages: vec![with(
+                    NewMessage::new(
+                        Role::Tool,
+                        vec![Part::tool_result("s2", "srv", JsonText::null())],
+                    ),
+                    Some(a),
+                )],
+            },
+            &env,
+        )
+        .unwrap();
+        assert_eq!(out.to, ExecutionState::W);
+        assert_eq!(chat.row.last_model_config_id, Some(a));
+    }
+}
