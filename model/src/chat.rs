@@ -258,7 +258,9 @@ impl Chat {
                 .position(|q| q.id == qid)
                 .expect("promoted row is queued");
             let row = self.queue.remove(pos);
-            let msg = row.promoted(self.row.last_model_config_id);
+            // The fallback is the chat's model configuration as the plan's
+            // own messages left it.
+            let msg = row.promoted(plan.row.last_model_config_id);
             assigned
                 .messages
                 .push(self.push_message(msg, Some(qid), revision));

@@ -416,7 +416,8 @@ pub async fn nil_chat_id_is_refused<B: Backend>(b: &B) {
 
 /// Every message insert sets `last_model_config_id` to the batch's last
 /// non-null model configuration (creation included), and synthetic
-/// cancellations and promoted queue rows then carry it.
+/// cancellations and promoted queue rows without one of their own then
+/// carry it (a promotion: as the same plan's messages left it).
 pub async fn message_inserts_set_the_last_model_config<B: Backend>(b: &B) {
     let fx = Fx::new(b.store().await);
     let (a, c, d) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
@@ -492,4 +493,32 @@ pub async fn message_inserts_set_the_last_model_config<B: Backend>(b: &B) {
     let last = rec.active_history().last().unwrap();
     assert_eq!((last.role, last.model_config_id), (Role::User, Some(d)));
     assert_eq!(rec.row.last_model_config_id, Some(d));
+
+    // A promotion after messages of the same plan falls back to the
+    // configuration those messages set.
+    let e = Uuid::new_v4();
+    m.update(async |tx| {
+        tx.send_message(NewMessage::user("queued again"), BusyBehavior::Queue)
+            .await?;
+        tx.interrupt(None).await?;
+        tx.finish_interruption(vec![with(NewMessage::assistant("partial"), Some(e))])
+            .await
+    })
+    .await
+    .unwrap();
+    let rec = m.load().await.unwrap();
+    let tail: Vec<_> = rec
+        .active_history()
+        .rev()
+        .take(2)
+        .map(|h| (h.role, h.model_config_id, h.queued_message_id.is_some()))
+        .collect();
+    assert_eq!(
+        tail,
+        [
+            (Role::User, Some(e), true),
+            (Role::Assistant, Some(e), false)
+        ]
+    );
+    assert_eq!(rec.row.last_model_config_id, Some(e));
 }
