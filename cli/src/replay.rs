@@ -87,6 +87,8 @@ const EPOCH: Timestamp = Timestamp(1_767_225_600_000_000);
 
 pub(crate) fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let trace = crate::trace::load(&args.trace)?;
+    // Options out of bounds are refused before any store is touched.
+    trace.options.options()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

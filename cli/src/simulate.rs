@@ -16,7 +16,7 @@
 //! concurrency). The committed history is checked by the model's oracle,
 //! [`chatstate_model::oracle`].
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
 use std::io::IsTerminal as _;
 use std::process::ExitCode;
@@ -300,6 +300,8 @@ struct Stats {
     /// The first few store failures, and how many there were.
     store_errors: Vec<String>,
     store_failures: u64,
+    /// Chats whose final read failed in the store (left out of the check).
+    unread_chats: u64,
 }
 
 impl Stats {
@@ -327,6 +329,7 @@ impl Stats {
         self.stale_found += o.stale_found;
         self.store_errors.extend(o.store_errors);
         self.store_failures += o.store_failures;
+        self.unread_chats += o.unread_chats;
     }
 }
 
@@ -1156,17 +1159,7 @@ async fn run_on<S: Store>(store: S, args: &Args, seed: u64, stop: Stop) -> anyho
     bar.finish_and_clear();
 
     // Every task has stopped: read each chat once more and check it all.
-    let mut finals: BTreeMap<ChatId, StoredChat> = BTreeMap::new();
-    for c in &stats.created {
-        if let Ok(record) = sh.machine(c.new.id).load().await {
-            let stored = StoredChat {
-                row: record.row,
-                queue: record.queue,
-                history: record.history,
-            };
-            finals.insert(c.new.id, stored);
-        }
-    }
+    let finals = read_finals(|id| sh.machine(id), &mut stats).await;
     let published = std::mem::take(&mut *sh.publisher.seen.lock().expect("publisher lock"));
     let published_at = |chat, snapshot| published.get(&(chat, snapshot)).cloned();
     let mut committed = std::mem::take(&mut stats.committed);
@@ -1204,6 +1197,65 @@ async fn run_on<S: Store>(store: S, args: &Args, seed: u64, stop: Stop) -> anyho
         stats,
         verdict,
     })
+}
+
+/// Reads every created chat once more at the end of a run.
+///
+/// A read the store fails (after [`final_read`]'s retries) is a failure of
+/// the run, counted as a store failure, not a finding about the model: the
+/// chat and its Updates are left out of the oracle's check rather than
+/// reported as a violation.
+async fn read_finals<S: Store>(
+    machine: impl Fn(ChatId) -> ChatMachine<S>,
+    stats: &mut Stats,
+) -> BTreeMap<ChatId, StoredChat> {
+    let mut finals = BTreeMap::new();
+    let mut unread = BTreeSet::new();
+    for c in &stats.created {
+        match final_read(&machine(c.new.id)).await {
+            Ok(record) => {
+                let stored = StoredChat {
+                    row: record.row,
+                    queue: record.queue,
+                    history: record.history,
+                };
+                finals.insert(c.new.id, stored);
+            }
+            // A created chat that is gone is the oracle's to report.
+            Err(Error::ChatNotFound(_)) => {}
+            Err(e) => {
+                unread.insert(c.new.id);
+                if stats.store_errors.len() < 5 {
+                    stats.store_errors.push(crate::error_chain(&e));
+                }
+            }
+        }
+    }
+    stats.store_failures += unread.len() as u64;
+    stats.unread_chats += unread.len() as u64;
+    stats.created.retain(|c| !unread.contains(&c.new.id));
+    stats.committed.retain(|u| !unread.contains(&u.chat));
+    finals
+}
+
+/// How often the final read of a chat is tried before the store's failure
+/// counts.
+const FINAL_READ_ATTEMPTS: u32 = 5;
+
+/// Reads a chat at the end of a run, retrying store failures (a transient
+/// connection or timeout error must not fail the run) a bounded number of
+/// times with a growing pause.
+async fn final_read<S: Store>(machine: &ChatMachine<S>) -> Result<chatstate::ChatRecord, Error> {
+    let mut attempt = 1;
+    loop {
+        match machine.load().await {
+            Err(Error::Store(_)) if attempt < FINAL_READ_ATTEMPTS => {
+                tokio::time::sleep(Duration::from_millis(20 << attempt)).await;
+                attempt += 1;
+            }
+            read => return read,
+        }
+    }
 }
 
 fn progress_bar(stop: Stop) -> ProgressBar {
@@ -1312,6 +1364,13 @@ impl Summary {
         );
         if st.store_failures > 0 {
             let _ = writeln!(s, "  store failures: {}", st.store_failures);
+            if st.unread_chats > 0 {
+                let _ = writeln!(
+                    s,
+                    "  chats whose final read failed (not checked): {}",
+                    st.unread_chats
+                );
+            }
             for e in st.store_errors.iter().take(5) {
                 let _ = writeln!(s, "    {e}");
             }
@@ -1328,5 +1387,90 @@ impl Summary {
             let _ = writeln!(s, "    {line}");
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chatstate::{CreateChat, NewMessage, create_chat};
+    use chatstate_model::oracle::{Config, CreatedChat, check};
+    use chatstate_model::{NewChat, Options};
+    use chatstate_store_mem::MemStore;
+
+    use super::*;
+
+    /// A store with one chat, and the record of its creation.
+    async fn one_chat() -> (MemStore, CreatedChat, ChatMachine<MemStore>) {
+        let store = MemStore::default();
+        let new = NewChat {
+            id: ChatId::new_random(),
+            owner_id: uuid::Uuid::new_v4(),
+            dynamic_tools: Default::default(),
+            last_model_config_id: None,
+            messages: vec![NewMessage::user("hi")],
+        };
+        let notify = Notify::InTransaction;
+        let created = create_chat(&store, &notify, CreateChat::from(new.clone()))
+            .await
+            .expect("created");
+        let machine = ChatMachine::new(store.clone(), notify, new.id, Options::default());
+        let record = CreatedChat {
+            new,
+            ids: created.messages,
+            published: Vec::new(),
+        };
+        (store, record, machine)
+    }
+
+    fn block_on<T>(f: impl Future<Output = T>) -> T {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(f)
+    }
+
+    #[test]
+    fn a_transient_failure_of_the_final_read_is_retried() {
+        block_on(async {
+            let (store, created, machine) = one_chat().await;
+            store.fail_nth_call(1);
+            let mut stats = Stats {
+                created: vec![created],
+                ..Stats::default()
+            };
+            let finals = read_finals(|_| machine.clone(), &mut stats).await;
+            assert_eq!(store.injected_faults(), 1);
+            assert_eq!(finals.len(), 1);
+            assert_eq!((stats.store_failures, stats.unread_chats), (0, 0));
+        });
+    }
+
+    #[test]
+    fn a_final_read_the_store_keeps_failing_fails_the_run_not_the_oracle() {
+        block_on(async {
+            let (store, created, machine) = one_chat().await;
+            store.fail_every_nth_call(1);
+            let mut stats = Stats {
+                created: vec![created],
+                ..Stats::default()
+            };
+            let finals = read_finals(|_| machine.clone(), &mut stats).await;
+            assert_eq!(
+                store.injected_faults(),
+                u64::from(FINAL_READ_ATTEMPTS),
+                "bounded retries"
+            );
+            assert!(finals.is_empty());
+            assert_eq!((stats.store_failures, stats.unread_chats), (1, 1));
+            assert_eq!(stats.store_errors.len(), 1);
+            // The oracle is not asked about the chat it could not see.
+            let config = Config {
+                options: Options::default(),
+                exact_time: true,
+            };
+            let verdict = check(&config, &stats.created, &stats.committed, &finals);
+            assert!(verdict.violations.is_empty(), "{:?}", verdict.violations);
+        });
     }
 }

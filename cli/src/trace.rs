@@ -60,12 +60,16 @@ impl Default for TraceOptions {
 }
 
 impl TraceOptions {
-    pub(crate) fn options(&self) -> Options {
-        Options {
+    /// The options, validated: a trace with options out of bounds is
+    /// refused before anything runs.
+    pub(crate) fn options(&self) -> anyhow::Result<Options> {
+        let options = Options {
             max_queue_size: self.max_queue_size,
             heartbeat_stale: Duration::from_secs(self.heartbeat_stale_secs),
             requires_action_timeout: Duration::from_secs(self.requires_action_timeout_secs),
-        }
+        };
+        options.validate().context("trace options")?;
+        Ok(options)
     }
 }
 
@@ -189,11 +193,31 @@ impl TraceMessage {
 }
 
 /// Message content: a list of parts, or a string as one text part.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize)]
 #[serde(untagged)]
 pub(crate) enum Content {
     Text(String),
     Parts(Vec<Part>),
+}
+
+impl<'de> Deserialize<'de> for Content {
+    /// By hand rather than untagged, so a part the model refuses (nested
+    /// too deep) says why instead of "did not match any variant".
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error as _;
+        match serde_json::Value::deserialize(d)? {
+            serde_json::Value::String(text) => Ok(Content::Text(text)),
+            serde_json::Value::Array(items) => items
+                .iter()
+                .map(Part::from_value)
+                .collect::<Result<_, _>>()
+                .map(Content::Parts)
+                .map_err(D::Error::custom),
+            other => Err(D::Error::custom(format!(
+                "content must be a string or an array of parts, not {other}"
+            ))),
+        }
+    }
 }
 
 impl Content {
@@ -585,7 +609,7 @@ pub(crate) fn load(path: &std::path::Path) -> anyhow::Result<Trace> {
 
 /// Expands the generated part and resolves every name.
 pub(crate) fn compile(trace: &Trace, names: Names) -> anyhow::Result<Compiled> {
-    let options = trace.options.options();
+    let options = trace.options.options()?;
     let mut steps = trace.steps.clone();
     if let Some(spec) = &trace.generate {
         steps.extend(crate::tracegen::generate(spec, &options)?);
@@ -694,12 +718,7 @@ fn compile_step(
             chat: slot(),
             runner: RunnerId(names.id(Kind::Runner, &s.runner)),
         },
-        Step::AdvanceClock(s) => {
-            if !(s.seconds.is_finite() && s.seconds >= 0.0) {
-                bail!("seconds must be a non-negative number");
-            }
-            Op::Advance(Duration::from_secs_f64(s.seconds))
-        }
+        Step::AdvanceClock(s) => Op::Advance(advance(s.seconds)?),
         Step::SetRawStatus(s) => Op::SetRaw {
             chat: slot(),
             status: ChatStatus::parse(&s.status),
@@ -734,8 +753,23 @@ fn target(index: Option<usize>, id: Option<i64>, what: &str) -> anyhow::Result<T
     }
 }
 
-fn json(v: &Option<serde_json::Value>) -> Option<JsonText> {
-    v.as_ref().map(JsonText::from_value)
+/// The longest single `advance_clock` step: the longest duration the
+/// options allow (store time plus it must stay a Postgres timestamp).
+pub(crate) const MAX_ADVANCE: Duration = Options::MAX_DURATION;
+
+/// An `advance_clock` amount: finite, not negative, at most [`MAX_ADVANCE`].
+fn advance(seconds: f64) -> anyhow::Result<Duration> {
+    match Duration::try_from_secs_f64(seconds) {
+        Ok(d) if d <= MAX_ADVANCE => Ok(d),
+        _ => bail!(
+            "seconds must be a number from 0 to {} (100 years), not {seconds}",
+            MAX_ADVANCE.as_secs()
+        ),
+    }
+}
+
+fn json(v: &Option<serde_json::Value>) -> anyhow::Result<Option<JsonText>> {
+    Ok(v.as_ref().map(JsonText::from_value).transpose()?)
 }
 
 fn fence_of(names: &mut Names, runner: &Option<String>) -> Option<RunnerId> {
@@ -876,7 +910,7 @@ fn call(t: &TraceTransition, names: &mut Names) -> anyhow::Result<CallSpec> {
         T::FinishTurn { fence } => (InputSpec::Ready(Input::FinishTurn), fence_of(names, fence)),
         T::FinishError { last_error, fence } => (
             InputSpec::Ready(Input::FinishError {
-                last_error: json(last_error),
+                last_error: json(last_error)?,
             }),
             fence_of(names, fence),
         ),
@@ -891,7 +925,7 @@ fn call(t: &TraceTransition, names: &mut Names) -> anyhow::Result<CallSpec> {
             cancellation_reason,
         } => (
             InputSpec::Ready(Input::ReconcileInvalidState {
-                last_error: json(last_error),
+                last_error: json(last_error)?,
                 cancellation_reason: cancellation_reason.clone(),
             }),
             None,

@@ -65,7 +65,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<ExitCode> {
     };
     let trace = Trace {
         options,
-        steps: generate(&spec, &options.options())?,
+        steps: generate(&spec, &options.options()?)?,
         generate: None,
     };
     // One step per line: diffable and still valid JSON.
@@ -85,8 +85,40 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The most chats one `generate` block (or `trace-gen`) may ask for.
+pub(crate) const MAX_CHATS: usize = 10_000;
+/// The most steps per chat.
+pub(crate) const MAX_STEPS_PER_CHAT: usize = 10_000;
+/// The most generated steps in all (`chats * steps_per_chat`): a trace is
+/// generated in memory, with the model's copy of every chat beside it.
+pub(crate) const MAX_STEPS: usize = 100_000;
+
+impl GenerateSpec {
+    /// Refuses counts past the documented limits before anything is
+    /// allocated.
+    fn check(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.chats <= MAX_CHATS,
+            "generate: chats must be at most {MAX_CHATS}, not {}",
+            self.chats
+        );
+        anyhow::ensure!(
+            self.steps_per_chat <= MAX_STEPS_PER_CHAT,
+            "generate: steps_per_chat must be at most {MAX_STEPS_PER_CHAT}, not {}",
+            self.steps_per_chat
+        );
+        let total = self.chats * self.steps_per_chat;
+        anyhow::ensure!(
+            total <= MAX_STEPS,
+            "generate: chats * steps_per_chat must be at most {MAX_STEPS}, not {total}"
+        );
+        Ok(())
+    }
+}
+
 /// The steps of a generated trace.
 pub(crate) fn generate(spec: &GenerateSpec, options: &Options) -> anyhow::Result<Vec<Step>> {
+    spec.check()?;
     let mut rng = StdRng::seed_from_u64(spec.seed);
     let mut compiler = Compiler::new(Names::default());
     let mut world = ModelWorld::new(*options);
@@ -460,7 +492,8 @@ impl ChatGen {
         let result = content_from_value(&json!([{
             "type": "tool-result", "tool_call_id": id, "tool_name": "web_search",
             "result": {"hits": 3}, "is_error": false
-        }]));
+        }]))
+        .expect("a shallow part is within the depth limit");
         T::CommitStep {
             messages: vec![
                 TraceMessage::new(Role::Assistant, vec![Part::tool_call(&id, "web_search")]),

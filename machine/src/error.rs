@@ -30,7 +30,7 @@
 
 use std::error::Error as StdError;
 
-use chatstate_model::{ChatId, Rejection, RejectionKind};
+use chatstate_model::{ChatId, OptionsError, Rejection, RejectionKind};
 
 /// Everything the machine can return.
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +61,10 @@ pub enum Error {
     /// may hold its partial writes and refuses to commit.
     #[error("a nested update on chat {0} failed; the enclosing update cannot commit")]
     NestedUpdateFailed(ChatId),
+    /// The machine was built with options out of their bounds; the call
+    /// did not reach the store.
+    #[error("invalid options: {0}")]
+    InvalidOptions(#[source] OptionsError),
     /// The callback failed with an error of its own.
     #[error("update callback failed")]
     Callback(#[source] Box<dyn StdError + Send + Sync>),
@@ -159,6 +163,7 @@ impl Error {
             Error::Store(_) => "Store",
             Error::PublishAfterCommit { .. } => "PublishAfterCommit",
             Error::NestedUpdateFailed(_) => "NestedUpdateFailed",
+            Error::InvalidOptions(_) => "InvalidOptions",
             Error::Callback(_) => "Callback",
             Error::Poisoned { .. } => "Poisoned",
         }

@@ -5,9 +5,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use chatstate_model::{
     BusyBehavior, Chat, ChatId, ChatRow, EditContext, Env, ExecutionState, Input, JsonText, Matrix,
-    MessageId, NewChat, NewMessage, Notification, Options, Outcome, Owner, Part, QueuedMessageId,
-    Rejection, RejectionKind, RunnerId, Snapshot, ToolResultInput, WorkerId, after_create,
-    after_update, decide, reasons,
+    MessageId, NewChat, NewMessage, Notification, Options, OptionsError, Outcome, Owner, Part,
+    QueuedMessageId, Rejection, RejectionKind, RunnerId, Snapshot, ToolResultInput, WorkerId,
+    after_create, after_update, decide, reasons,
 };
 use uuid::Uuid;
 
@@ -100,16 +100,31 @@ pub struct ChatMachine<S: Store> {
     notify: Notify,
     chat_id: ChatId,
     options: Options,
+    /// The verdict of [`Options::validate`], taken once at construction.
+    invalid_options: Option<OptionsError>,
 }
 
 impl<S: Store> ChatMachine<S> {
     /// A handle on `chat_id` in `store`, publishing through `notify`.
+    ///
+    /// The options are validated here, once; if they are out of bounds,
+    /// every call on the handle fails with [`Error::InvalidOptions`] before
+    /// it touches the store.
     pub fn new(store: S, notify: impl Into<Notify>, chat_id: ChatId, options: Options) -> Self {
         ChatMachine {
             store,
             notify: notify.into(),
             chat_id,
             options,
+            invalid_options: options.validate().err(),
+        }
+    }
+
+    /// Refuses calls of a handle built with invalid options.
+    fn check_options(&self) -> Result<(), Error> {
+        match &self.invalid_options {
+            Some(e) => Err(Error::InvalidOptions(e.clone())),
+            None => Ok(()),
         }
     }
 
@@ -150,6 +165,7 @@ impl<S: Store> ChatMachine<S> {
         &self,
         f: impl AsyncFnOnce(&mut Tx<'_, S>) -> Result<T, Error>,
     ) -> Result<T, Error> {
+        self.check_options()?;
         let Some((mut stx, snap)) = self.store.begin_update(self.chat_id, &self.options).await?
         else {
             return Err(Error::ChatNotFound(self.chat_id));
@@ -190,6 +206,7 @@ impl<S: Store> ChatMachine<S> {
         &self,
         f: impl AsyncFnOnce(&mut Locked<'_, S>) -> Result<T, Error>,
     ) -> Result<T, Error> {
+        self.check_options()?;
         let Some((mut stx, snap)) = self
             .store
             .begin_locked(self.chat_id, LockMode::Exclusive, &self.options)
@@ -230,6 +247,7 @@ impl<S: Store> ChatMachine<S> {
         &self,
         f: impl AsyncFnOnce(&mut ReadLocked<'_, S>) -> Result<T, Error>,
     ) -> Result<T, Error> {
+        self.check_options()?;
         let Some((mut stx, snap)) = self
             .store
             .begin_locked(self.chat_id, LockMode::Shared, &self.options)
@@ -257,6 +275,7 @@ impl<S: Store> ChatMachine<S> {
     /// Refreshes the lease of `runner` on this chat (store time). Never
     /// bumps, never publishes, and does not wait for the row lock.
     pub async fn heartbeat(&self, runner: RunnerId) -> Result<(), Error> {
+        self.check_options()?;
         if self.store.heartbeat(self.chat_id, runner).await? {
             Ok(())
         } else {

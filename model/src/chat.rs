@@ -85,15 +85,28 @@ impl<'a> StepEnv<'a> {
 impl Chat {
     /// Creates a chat (the N -> R0 transition): status running, snapshot 1,
     /// history 1 (every initial message has revision 1), queue 0.
+    ///
+    /// A nil chat id is refused: the nil UUID stands for "no chat" to
+    /// callers and to the Go original, so it must never name a row. Other
+    /// ids may be nil (the owner, a message's author or model
+    /// configuration, a worker or runner): they are attributes, stored and
+    /// read back as given.
+    ///
+    /// Like every message insert, the initial history sets
+    /// `last_model_config_id` to its last non-null model configuration.
     pub fn create(new: &NewChat) -> Result<Chat, Rejection> {
+        let refuse = |reason| Rejection {
+            transition: Transition::CreateChat,
+            from: ExecutionState::N,
+            kind: RejectionKind::TransitionNotAllowed {
+                reason: Some(reason),
+            },
+        };
+        if new.id.0.is_nil() {
+            return Err(refuse(reasons::CREATE_NIL_ID));
+        }
         if new.messages.is_empty() {
-            return Err(Rejection {
-                transition: Transition::CreateChat,
-                from: ExecutionState::N,
-                kind: RejectionKind::TransitionNotAllowed {
-                    reason: Some(reasons::CREATE_EMPTY),
-                },
-            });
+            return Err(refuse(reasons::CREATE_EMPTY));
         }
         let mut chat = Chat {
             row: ChatRow {
@@ -114,7 +127,10 @@ impl Chat {
                     retry_state: 0,
                 },
                 dynamic_tools: new.dynamic_tools.clone(),
-                last_model_config_id: new.last_model_config_id,
+                last_model_config_id: crate::rules::last_model_config(
+                    new.last_model_config_id,
+                    &new.messages,
+                ),
             },
             queue: Vec::new(),
             history: Vec::new(),
@@ -242,7 +258,9 @@ impl Chat {
                 .position(|q| q.id == qid)
                 .expect("promoted row is queued");
             let row = self.queue.remove(pos);
-            let msg = row.promoted(self.row.last_model_config_id);
+            // The fallback is the chat's model configuration as the plan's
+            // own messages left it.
+            let msg = row.promoted(plan.row.last_model_config_id);
             assigned
                 .messages
                 .push(self.push_message(msg, Some(qid), revision));

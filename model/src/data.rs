@@ -92,31 +92,126 @@ impl Timestamp {
     }
 }
 
-/// A JSON value kept as canonical text: compact, object keys sorted.
+/// The deepest nesting of arrays and objects a JSON value may have.
+///
+/// A scalar has depth 0, `[]` and `{}` depth 1, `[[1]]` depth 2. Every JSON
+/// value enters the model as a [`JsonText`] (message parts, tool arguments
+/// and results, `last_error`, `retry_state`, metadata), so this one limit
+/// bounds everything a store is given. It is chosen so the stored forms
+/// read back everywhere: serde_json refuses documents nested 128 deep, and
+/// the widest wrapping a store adds is three levels (Postgres keeps a part
+/// inside the content array, and its tool-call tail wraps a part's fields
+/// in `[{"parts": [{...}]}]`), which leaves room for a trace file or a
+/// report that embeds a chat.
+pub const MAX_JSON_DEPTH: usize = 100;
+
+/// Why a JSON value was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum JsonError {
+    /// The text is not valid JSON.
+    #[error("invalid JSON")]
+    Invalid(#[source] serde_json::Error),
+    /// The value is nested deeper than [`MAX_JSON_DEPTH`].
+    #[error("JSON nested {depth} deep, past the limit of {max}")]
+    TooDeep {
+        /// The value's depth.
+        depth: usize,
+        /// The limit ([`MAX_JSON_DEPTH`]).
+        max: usize,
+    },
+}
+
+/// The nesting depth of a value (a scalar is 0), computed without
+/// recursion so a value built in code at any depth cannot exhaust the stack.
+pub fn json_depth(value: &serde_json::Value) -> usize {
+    use serde_json::Value;
+    let mut max = 0;
+    let mut stack = vec![(value, 0usize)];
+    while let Some((v, depth)) = stack.pop() {
+        let children: Box<dyn Iterator<Item = &Value>> = match v {
+            Value::Array(items) => Box::new(items.iter()),
+            Value::Object(map) => Box::new(map.values()),
+            _ => continue,
+        };
+        let depth = depth + 1;
+        max = max.max(depth);
+        stack.extend(children.map(|c| (c, depth)));
+    }
+    max
+}
+
+/// The nesting depth of JSON text, by a scan that only tracks strings and
+/// brackets: exact for valid JSON, and cheap to run before a parser that
+/// would refuse deep text with an error that does not say why.
+fn text_depth(text: &str) -> usize {
+    let (mut depth, mut max) = (0usize, 0usize);
+    let (mut in_string, mut escaped) = (false, false);
+    for b in text.bytes() {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    max
+}
+
+fn check_depth(depth: usize) -> Result<(), JsonError> {
+    if depth > MAX_JSON_DEPTH {
+        return Err(JsonError::TooDeep {
+            depth,
+            max: MAX_JSON_DEPTH,
+        });
+    }
+    Ok(())
+}
+
+/// A JSON value kept as canonical text: compact, object keys sorted, and
+/// nested at most [`MAX_JSON_DEPTH`] deep.
 ///
 /// Canonical text makes JSON payloads comparable and hashable, so the model
 /// can decide "did the retry state change" by equality, and values read back
-/// from Postgres `jsonb` compare equal to what was written.
+/// from Postgres `jsonb` compare equal to what was written. The depth bound
+/// holds by construction, so every `JsonText` can be stored, parsed back
+/// and serialised.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct JsonText(String);
 
 impl JsonText {
-    /// Canonicalises a parsed value.
-    pub fn from_value(value: &serde_json::Value) -> Self {
+    /// Canonicalises a parsed value; refuses one nested too deep.
+    pub fn from_value(value: &serde_json::Value) -> Result<Self, JsonError> {
+        check_depth(json_depth(value))?;
         let mut out = String::new();
         write_canonical(value, &mut out);
-        JsonText(out)
+        Ok(JsonText(out))
     }
 
-    /// Parses and canonicalises JSON text.
-    pub fn parse(text: &str) -> Result<Self, serde_json::Error> {
-        let value: serde_json::Value = serde_json::from_str(text)?;
-        Ok(Self::from_value(&value))
+    /// Parses and canonicalises JSON text; refuses invalid text and text
+    /// nested too deep (the depth is checked first, so deep text is
+    /// reported as such).
+    pub fn parse(text: &str) -> Result<Self, JsonError> {
+        check_depth(text_depth(text))?;
+        let value: serde_json::Value = serde_json::from_str(text).map_err(JsonError::Invalid)?;
+        Self::from_value(&value)
     }
 
     /// A JSON string holding `s`.
     pub fn string(s: &str) -> Self {
-        Self::from_value(&serde_json::Value::String(s.to_owned()))
+        JsonText(serde_json::Value::String(s.to_owned()).to_string())
     }
 
     /// The JSON `null` literal.
@@ -136,7 +231,8 @@ impl JsonText {
 
     /// The value, parsed.
     pub fn to_value(&self) -> serde_json::Value {
-        serde_json::from_str(&self.0).expect("JsonText always holds valid JSON")
+        serde_json::from_str(&self.0)
+            .expect("JsonText holds valid JSON within the parser's depth limit")
     }
 }
 
@@ -155,7 +251,7 @@ impl Serialize for JsonText {
 impl<'de> Deserialize<'de> for JsonText {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let v = serde_json::Value::deserialize(d)?;
-        Ok(JsonText::from_value(&v))
+        JsonText::from_value(&v).map_err(serde::de::Error::custom)
     }
 }
 
@@ -305,7 +401,7 @@ impl Part {
         Part::ToolCall {
             tool_call_id: id.into(),
             tool_name: name.into(),
-            args: JsonText::from_value(&serde_json::json!({})),
+            args: JsonText(String::from("{}")),
             provider_executed: false,
         }
     }
@@ -354,39 +450,41 @@ impl Part {
     }
 
     /// Reads a part from a JSON value; unknown shapes become [`Part::Other`].
-    pub fn from_value(v: &serde_json::Value) -> Self {
+    /// Refuses a value whose JSON payload (the part itself for an unknown
+    /// shape, else its arguments or result) is nested too deep.
+    pub fn from_value(v: &serde_json::Value) -> Result<Self, JsonError> {
         let s = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_owned);
         let j = |k: &str| {
             v.get(k)
-                .map(JsonText::from_value)
-                .unwrap_or_else(JsonText::null)
+                .map_or_else(|| Ok(JsonText::null()), JsonText::from_value)
         };
         let b = |k: &str| v.get(k).and_then(|x| x.as_bool()).unwrap_or(false);
-        match v.get("type").and_then(|t| t.as_str()) {
+        let other = || JsonText::from_value(v).map(Part::Other);
+        Ok(match v.get("type").and_then(|t| t.as_str()) {
             Some("text") => match s("text") {
                 Some(text) => Part::Text { text },
-                None => Part::Other(JsonText::from_value(v)),
+                None => other()?,
             },
             Some("tool-call") => match (s("tool_call_id"), s("tool_name")) {
                 (Some(tool_call_id), Some(tool_name)) => Part::ToolCall {
                     tool_call_id,
                     tool_name,
-                    args: j("args"),
+                    args: j("args")?,
                     provider_executed: b("provider_executed"),
                 },
-                _ => Part::Other(JsonText::from_value(v)),
+                _ => other()?,
             },
             Some("tool-result") => match (s("tool_call_id"), s("tool_name")) {
                 (Some(tool_call_id), Some(tool_name)) => Part::ToolResult {
                     tool_call_id,
                     tool_name,
-                    result: j("result"),
+                    result: j("result")?,
                     is_error: b("is_error"),
                 },
-                _ => Part::Other(JsonText::from_value(v)),
+                _ => other()?,
             },
-            _ => Part::Other(JsonText::from_value(v)),
-        }
+            _ => other()?,
+        })
     }
 }
 
@@ -399,7 +497,7 @@ impl Serialize for Part {
 impl<'de> Deserialize<'de> for Part {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let v = serde_json::Value::deserialize(d)?;
-        Ok(Part::from_value(&v))
+        Part::from_value(&v).map_err(serde::de::Error::custom)
     }
 }
 
@@ -409,11 +507,12 @@ pub fn content_to_value(parts: &[Part]) -> serde_json::Value {
 }
 
 /// Content from JSON; anything but an array is one [`Part::Other`].
-pub fn content_from_value(v: &serde_json::Value) -> Vec<Part> {
+/// Refuses content holding a part nested too deep.
+pub fn content_from_value(v: &serde_json::Value) -> Result<Vec<Part>, JsonError> {
     match v {
         serde_json::Value::Array(items) => items.iter().map(Part::from_value).collect(),
-        serde_json::Value::Null => Vec::new(),
-        other => vec![Part::Other(JsonText::from_value(other))],
+        serde_json::Value::Null => Ok(Vec::new()),
+        other => Ok(vec![Part::Other(JsonText::from_value(other)?)]),
     }
 }
 
@@ -728,6 +827,67 @@ mod tests {
         assert!(JsonText::parse("{").is_err());
     }
 
+    fn nested(depth: usize) -> serde_json::Value {
+        let mut v = serde_json::Value::Null;
+        for _ in 0..depth {
+            v = serde_json::Value::Array(vec![v]);
+        }
+        v
+    }
+
+    #[test]
+    fn json_depth_counts_containers() {
+        for (text, depth) in [
+            ("1", 0),
+            ("\"[{\"", 0),
+            ("[]", 1),
+            ("{}", 1),
+            (r#"{"a":[1,{"b":"]]"}],"c":{}}"#, 3),
+            (r#"["\\\"[", [[]]]"#, 3),
+        ] {
+            let v: serde_json::Value = serde_json::from_str(text).unwrap();
+            assert_eq!(json_depth(&v), depth, "{text}");
+            assert_eq!(text_depth(text), depth, "{text}");
+        }
+    }
+
+    #[test]
+    fn json_text_is_bounded_by_the_depth_limit() {
+        let at = nested(MAX_JSON_DEPTH);
+        let text = JsonText::from_value(&at).expect("at the limit");
+        assert_eq!(text.to_value(), at);
+        assert_eq!(JsonText::parse(text.as_str()).unwrap(), text);
+        // Serialising and reading back the widest stored form works too.
+        let wrapped = format!(r#"[{{"role":"tool","parts":[{{"x":{text}}}]}}]"#);
+        assert!(serde_json::from_str::<serde_json::Value>(&wrapped).is_ok());
+        for over in [MAX_JSON_DEPTH + 1, 127, 128, 200, 100_000] {
+            let v = nested(over);
+            assert!(
+                matches!(JsonText::from_value(&v), Err(JsonError::TooDeep { depth, max })
+                    if depth == over && max == MAX_JSON_DEPTH),
+                "{over}"
+            );
+            let text = format!("{}{}", "[".repeat(over), "]".repeat(over));
+            assert!(matches!(
+                JsonText::parse(&text),
+                Err(JsonError::TooDeep { depth, .. }) if depth == over
+            ));
+            // A value nested this deep, built in code, drops without recursion
+            // trouble only if the caller unwinds it; leak the deepest one.
+            if over > 1_000 {
+                std::mem::forget(v);
+            }
+        }
+        assert!(matches!(JsonText::parse("[1,"), Err(JsonError::Invalid(_))));
+        let deep_part = serde_json::json!({"type": "tool-call", "tool_call_id": "c",
+            "tool_name": "t", "args": nested(MAX_JSON_DEPTH + 1)});
+        assert!(Part::from_value(&deep_part).is_err());
+        assert!(serde_json::from_value::<Part>(deep_part).is_err());
+        let ok_part = serde_json::json!({"type": "tool-call", "tool_call_id": "c",
+            "tool_name": "t", "args": nested(MAX_JSON_DEPTH)});
+        assert!(Part::from_value(&ok_part).is_ok());
+    }
+
     #[test]
     fn parts_round_trip() {
         let parts = vec![
@@ -737,7 +897,7 @@ mod tests {
             Part::Other(JsonText::parse(r#"{"type":"reasoning","text":"..."}"#).unwrap()),
         ];
         let v = content_to_value(&parts);
-        assert_eq!(content_from_value(&v), parts);
+        assert_eq!(content_from_value(&v).unwrap(), parts);
     }
 
     #[test]

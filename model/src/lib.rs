@@ -30,11 +30,11 @@ pub mod check;
 
 pub use chat::{Call, Chat, Committed, NewChat, StepEnv, UpdateRejected, step, update};
 pub use data::{
-    ChatId, ChatRow, JsonText, Message, MessageId, NewMessage, NewQueued, Owner, Part,
-    QueuedMessage, QueuedMessageId, Role, RunnerId, Timestamp, ToolCallRef, ToolState, Versions,
-    Visibility, WorkerId, content_from_value, content_to_value,
+    ChatId, ChatRow, JsonError, JsonText, MAX_JSON_DEPTH, Message, MessageId, NewMessage,
+    NewQueued, Owner, Part, QueuedMessage, QueuedMessageId, Role, RunnerId, Timestamp, ToolCallRef,
+    ToolState, Versions, Visibility, WorkerId, content_from_value, content_to_value, json_depth,
 };
-pub use input::{BusyBehavior, Input, Options, ToolResultInput};
+pub use input::{BusyBehavior, Input, Options, OptionsError, ToolResultInput};
 pub use notify::{
     ChatUpdate, MAX_PAYLOAD_BYTES, Notification, NotificationParseError, OWNERSHIP_CHANNEL,
     OwnershipHint, UPDATE_CHANNEL_PREFIX, after_create, after_update,

@@ -74,6 +74,14 @@ pub enum RejectionKind {
         /// The unexpected id.
         tool_call_id: String,
     },
+    /// A JSON input (a tool result's output, a retry payload) is nested
+    /// deeper than [`crate::MAX_JSON_DEPTH`].
+    JsonTooDeep {
+        /// The input's depth.
+        depth: usize,
+        /// The limit.
+        max: usize,
+    },
     /// A fenced worker call found another runner (or none) owning the chat.
     LeaseLost {
         /// The runner the caller holds.
@@ -98,6 +106,7 @@ impl RejectionKind {
             RejectionKind::ToolResultInvalidJson { .. } => "ToolResultInvalidJson",
             RejectionKind::ToolResultMissing { .. } => "ToolResultMissing",
             RejectionKind::ToolResultUnexpected { .. } => "ToolResultUnexpected",
+            RejectionKind::JsonTooDeep { .. } => "JsonTooDeep",
             RejectionKind::LeaseLost { .. } => "LeaseLost",
         }
     }
@@ -111,6 +120,7 @@ impl RejectionKind {
             RejectionKind::ToolResultInvalidJson { .. } => Some(reasons::TOOL_RESULT_INVALID_JSON),
             RejectionKind::ToolResultMissing { .. } => Some(reasons::TOOL_RESULT_MISSING),
             RejectionKind::ToolResultUnexpected { .. } => Some(reasons::TOOL_RESULT_UNEXPECTED),
+            RejectionKind::JsonTooDeep { .. } => Some(reasons::JSON_TOO_DEEP),
             _ => None,
         }
     }
@@ -129,6 +139,7 @@ impl Rejection {
                 | RejectionKind::ToolResultInvalidJson { .. }
                 | RejectionKind::ToolResultMissing { .. }
                 | RejectionKind::ToolResultUnexpected { .. }
+                | RejectionKind::JsonTooDeep { .. }
         )
     }
 }
@@ -158,6 +169,10 @@ fn render(r: &Rejection) -> String {
         | K::ToolResultUnexpected { tool_call_id } => format!(
             "{base}: {}: {tool_call_id}",
             r.kind.reason().unwrap_or_default()
+        ),
+        K::JsonTooDeep { depth, max } => format!(
+            "{base}: {}: nested {depth} deep, the limit is {max}",
+            reasons::JSON_TOO_DEEP
         ),
         K::LeaseLost { expected, actual } => match actual {
             Some(actual) => format!(
@@ -199,6 +214,10 @@ pub mod reasons {
     pub const NOT_OWNED: &str = "chat is not owned";
     /// CreateChat with no messages.
     pub const CREATE_EMPTY: &str = "initial messages must include at least one message";
+    /// CreateChat with the nil UUID as the chat's id.
+    pub const CREATE_NIL_ID: &str = "a chat id must not be the nil UUID";
+    /// A JSON input nested past the limit.
+    pub const JSON_TOO_DEEP: &str = "JSON input is nested too deep";
     /// CreateChat for an id that exists.
     pub const CREATE_EXISTS: &str = "a chat with this id already exists";
     /// Duplicate tool result.

@@ -13,8 +13,8 @@ use std::collections::BTreeSet;
 use serde::{Deserialize, Serialize};
 
 use crate::data::{
-    ChatRow, JsonText, MessageId, NewMessage, NewQueued, Part, QueuedMessageId, Role, RunnerId,
-    Timestamp, ToolState, Visibility,
+    ChatRow, JsonError, JsonText, MessageId, NewMessage, NewQueued, Part, QueuedMessageId, Role,
+    RunnerId, Timestamp, ToolState, Visibility,
 };
 use crate::input::{BusyBehavior, Input, Options};
 use crate::reject::{Rejection, RejectionKind, reasons};
@@ -44,6 +44,22 @@ pub fn default_reconcile_error() -> JsonText {
     JsonText::from_value(&serde_json::json!({
         "message": "chat was in an invalid state; send a new message or edit history to continue"
     }))
+    .expect("a flat object is within the depth limit")
+}
+
+/// The chat's `last_model_config_id` after inserting `messages`: the last
+/// non-null model configuration among them, else `current` (spec: every
+/// message insert sets it, so synthetic cancellations and the promotion
+/// fallback follow the conversation).
+pub(crate) fn last_model_config(
+    current: Option<uuid::Uuid>,
+    messages: &[NewMessage],
+) -> Option<uuid::Uuid> {
+    messages
+        .iter()
+        .rev()
+        .find_map(|m| m.model_config_id)
+        .or(current)
 }
 
 /// What one transition sees of a locked chat.
@@ -492,10 +508,16 @@ pub fn decide(snap: &Snapshot, input: &Input, env: &Env<'_>) -> Result<Plan, Rej
                         tool_call_id: r.tool_call_id.clone(),
                     }));
                 }
-                let Ok(output) = JsonText::parse(&r.output) else {
-                    return Err(reject(RejectionKind::ToolResultInvalidJson {
-                        tool_call_id: r.tool_call_id.clone(),
-                    }));
+                let output = match JsonText::parse(&r.output) {
+                    Ok(output) => output,
+                    Err(JsonError::TooDeep { depth, max }) => {
+                        return Err(reject(RejectionKind::JsonTooDeep { depth, max }));
+                    }
+                    Err(_) => {
+                        return Err(reject(RejectionKind::ToolResultInvalidJson {
+                            tool_call_id: r.tool_call_id.clone(),
+                        }));
+                    }
                 };
                 outputs.push(output);
             }
@@ -543,8 +565,12 @@ pub fn decide(snap: &Snapshot, input: &Input, env: &Env<'_>) -> Result<Plan, Rej
             if retry_state.trim().is_empty() {
                 return Err(not_allowed(reasons::RETRY_MISSING));
             }
-            let Ok(value) = JsonText::parse(retry_state) else {
-                return Err(not_allowed(reasons::RETRY_INVALID));
+            let value = match JsonText::parse(retry_state) {
+                Ok(value) => value,
+                Err(JsonError::TooDeep { depth, max }) => {
+                    return Err(reject(RejectionKind::JsonTooDeep { depth, max }));
+                }
+                Err(_) => return Err(not_allowed(reasons::RETRY_INVALID)),
             };
             if value.is_null() {
                 return Err(not_allowed(reasons::RETRY_MISSING));
@@ -704,9 +730,12 @@ impl<'s> Draft<'s> {
         }
     }
 
-    /// Appends a history message and accounts for its tool parts.
+    /// Appends a history message and accounts for its tool parts and its
+    /// model configuration.
     fn insert(&mut self, m: NewMessage) {
         self.tools.observe(m.role, &m.content);
+        self.row.last_model_config_id =
+            last_model_config(self.row.last_model_config_id, std::slice::from_ref(&m));
         self.messages.push(m);
     }
 
@@ -848,5 +877,95 @@ impl<'s> Draft<'s> {
             lease_fresh: self.lease_fresh,
             moved_to_head: self.moved_to_head,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use uuid::Uuid;
+
+    use super::*;
+    use crate::chat::{Chat, NewChat, StepEnv, step};
+    use crate::data::ChatId;
+
+    fn with(m: NewMessage, config: Option<Uuid>) -> NewMessage {
+        NewMessage {
+            model_config_id: config,
+            ..m
+        }
+    }
+
+    /// Spec (model.md §7.6): a message insert sets `last_model_config_id`
+    /// to the last non-null model configuration of the batch; a batch
+    /// without one leaves it; synthetic cancellations carry it.
+    #[test]
+    fn inserts_set_the_last_model_config() {
+        let (a, b, c) = (Uuid::from_u128(1), Uuid::from_u128(2), Uuid::from_u128(3));
+        let options = Options::default();
+        let env = StepEnv::new(Timestamp(0), &options);
+        let chat = Chat::create(&NewChat {
+            id: ChatId(Uuid::from_u128(9)),
+            owner_id: Uuid::from_u128(8),
+            dynamic_tools: Default::default(),
+            last_model_config_id: Some(c),
+            messages: vec![
+                with(NewMessage::user("one"), Some(a)),
+                with(NewMessage::user("two"), None),
+            ],
+        })
+        .unwrap();
+        assert_eq!(
+            chat.row.last_model_config_id,
+            Some(a),
+            "creation inserts too"
+        );
+        let commit = |messages| Input::CommitStep {
+            messages,
+            consume_compaction_request: false,
+        };
+        let call = NewMessage::new(Role::Assistant, vec![Part::tool_call("s1", "srv")]);
+        let (chat, _) = step(
+            &chat,
+            &commit(vec![
+                with(call, Some(b)),
+                with(NewMessage::assistant("late"), None),
+            ]),
+            &env,
+        )
+        .unwrap();
+        assert_eq!(chat.row.last_model_config_id, Some(b));
+        let (chat, _) = step(&chat, &commit(vec![NewMessage::assistant("x")]), &env).unwrap();
+        assert_eq!(chat.row.last_model_config_id, Some(b), "no config: kept");
+        let (chat, _) = step(&chat, &Input::FinishTurn, &env).unwrap();
+        let call = NewMessage::new(Role::Assistant, vec![Part::tool_call("s2", "srv")]);
+        let (chat, _) = step(
+            &chat,
+            &Input::SendMessage {
+                message: with(NewMessage::user("go"), Some(c)),
+                busy_behavior: BusyBehavior::Queue,
+            },
+            &env,
+        )
+        .unwrap();
+        assert_eq!(chat.row.last_model_config_id, Some(c));
+        let (chat, _) = step(&chat, &commit(vec![call]), &env).unwrap();
+        let (chat, out) = step(&chat, &Input::Interrupt { reason: None }, &env).unwrap();
+        assert_eq!(out.to, ExecutionState::I0);
+        let (chat, out) = step(
+            &chat,
+            &Input::FinishInterruption {
+                partial_messages: vec![with(
+                    NewMessage::new(
+                        Role::Tool,
+                        vec![Part::tool_result("s2", "srv", JsonText::null())],
+                    ),
+                    Some(a),
+                )],
+            },
+            &env,
+        )
+        .unwrap();
+        assert_eq!(out.to, ExecutionState::W);
+        assert_eq!(chat.row.last_model_config_id, Some(a));
     }
 }

@@ -709,7 +709,7 @@ impl StoreTx for MemTx {
             let pos = d.queue.iter().position(|q| q.id == qid).expect("checked");
             let row = d.queue.remove(pos);
             let msg = self.inner.message(
-                row.promoted(d.row.last_model_config_id),
+                row.promoted(plan.row.last_model_config_id),
                 Some(qid),
                 revision,
             );

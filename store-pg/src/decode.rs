@@ -32,8 +32,11 @@ fn json_text(
     column: &'static str,
     text: Option<String>,
 ) -> Result<Option<JsonText>, StoreError> {
-    text.map(|t| json_value(context, column, &t).map(|v| JsonText::from_value(&v)))
-        .transpose()
+    text.map(|t| {
+        let value = json_value(context, column, &t)?;
+        JsonText::from_value(&value).map_err(|e| malformed(context, column, e))
+    })
+    .transpose()
 }
 
 /// Parses stored JSON text and undoes the store's escaping (see
@@ -111,6 +114,8 @@ pub(crate) fn tool_state(text: &str, context: &'static str) -> Result<ToolState,
         let parts: Vec<Part> = item
             .get("parts")
             .map(content_from_value)
+            .transpose()
+            .map_err(|e| malformed(context, "tools", e))?
             .unwrap_or_default();
         state.observe(role, &parts);
     }
@@ -160,7 +165,8 @@ pub(crate) fn metadata(row: &PgRow, context: &'static str) -> Result<ChatMetadat
 
 fn content(row: &PgRow, context: &'static str) -> Result<Vec<Part>, StoreError> {
     let text: String = get(row, context, "content")?;
-    Ok(content_from_value(&json_value(context, "content", &text)?))
+    content_from_value(&json_value(context, "content", &text)?)
+        .map_err(|e| malformed(context, "content", e))
 }
 
 /// A queued message from the load select.

@@ -359,7 +359,7 @@ const SHAPES: usize = 1 << 10;
 /// retry-state versions, `$25` the tool bookkeeping afterwards (JSON),
 /// `$26` the queue afterwards without the appended row, `$27..$31` the
 /// single message's role, content (JSON text), visibility, model config
-/// and creator.
+/// and creator, `$32` the row's last model configuration.
 pub(crate) fn apply(shape: Shape) -> &'static str {
     static TEXTS: [std::sync::OnceLock<String>; SHAPES] =
         [const { std::sync::OnceLock::new() }; SHAPES];
@@ -374,7 +374,7 @@ fn chat_sets(shape: Shape) -> String {
         requires_action_deadline_at = 'epoch'::timestamptz + $19::bigint * interval '1 microsecond',
         compaction_requested_at = 'epoch'::timestamptz + $20::bigint * interval '1 microsecond',
         snapshot_version = $21, history_version = $22, queue_version = $23,
-        retry_state_version = $24, updated_at = now()"
+        retry_state_version = $24, last_model_config_id = $32, updated_at = now()"
     } else {
         "snapshot_version = $21"
     }];
@@ -403,12 +403,12 @@ fn history_source(shape: Shape) -> &'static str {
               FROM jsonb_array_elements($9::text::jsonb) WITH ORDINALITY AS m(v, o)";
     // The promoted queued row as a user message, after every plan message:
     // content and creator copied, its model configuration or else the
-    // chat's last one.
+    // chat's last one as the plan's messages left it ($32).
     const PROMOTED: &str = "SELECT 9223372036854775807 AS ord, 'user' AS role, p.content,
                    'both' AS visibility,
-                   coalesce(p.model_config_id, c.last_model_config_id) AS model_config_id,
+                   coalesce(p.model_config_id, $32::uuid) AS model_config_id,
                    p.created_by, p.id AS queued_message_id
-              FROM promoted p CROSS JOIN chats c WHERE c.id = $1";
+              FROM promoted p";
     const COLUMNS: &str = "SELECT w.id, n.role, n.content, n.visibility, n.model_config_id, \
                            n.created_by, n.queued_message_id, $2\n      FROM written w CROSS JOIN (";
     static TEXTS: [std::sync::OnceLock<String>; 3] = [const { std::sync::OnceLock::new() }; 3];

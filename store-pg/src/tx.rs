@@ -525,7 +525,8 @@ impl StoreTx for PgTx {
             .bind(single.map(|m| jsonb::encode_text(&content_to_value(&m.content))))
             .bind(single.map(|m| m.visibility.as_str()))
             .bind(single.and_then(|m| m.model_config_id))
-            .bind(single.and_then(|m| m.created_by));
+            .bind(single.and_then(|m| m.created_by))
+            .bind(row.last_model_config_id);
         self.round_trips.tick();
         let result = query.fetch_all(&mut **self.conn()).await;
         let rows = result.map_err(|e| self.failed(CONTEXT, e))?;

@@ -1,7 +1,7 @@
 //! Bad input through the public API: unknown ids, ids of another chat, nil
-//! UUIDs, malformed JSON (retry state, tool outputs), oversize content,
-//! duplicate tool results, a queue over its cap, strings with every kind of
-//! character.
+//! UUIDs, malformed or too deeply nested JSON (retry state, tool outputs),
+//! oversize content, duplicate tool results, a queue over its cap, strings
+//! with every kind of character.
 //!
 //! Every case runs through the same comparison as the conformance tests, so
 //! the store must do exactly what the model does: a typed error that
@@ -12,7 +12,7 @@
 use std::sync::Mutex;
 
 use chatstate_model::{
-    BusyBehavior, ChatId, Input, JsonText, NewMessage, Part, Role, ToolResultInput,
+    BusyBehavior, ChatId, Input, JsonText, MAX_JSON_DEPTH, NewMessage, Part, Role, ToolResultInput,
 };
 use proptest::prelude::*;
 use proptest::test_runner::{
@@ -282,10 +282,10 @@ pub fn cases() -> Vec<Case> {
             ids: nil_first.clone(),
         },
         Case {
-            name: "create a chat with the nil id (legal)",
+            name: "create a chat with the nil id",
             setup: vec![],
             op: create(0),
-            expect: "ok",
+            expect: "TransitionNotAllowed",
             ids: nil_first,
         },
         case(
@@ -353,12 +353,18 @@ pub fn cases() -> Vec<Case> {
             "retry state nested past the parser's limit",
             running(),
             one(retry(deep_json(200))),
-            "TransitionNotAllowed",
+            "JsonTooDeep",
         ),
         case(
-            "retry state nested 100 deep (legal)",
+            "retry state nested one past the depth limit",
             running(),
-            one(retry(deep_json(100))),
+            one(retry(deep_json(MAX_JSON_DEPTH + 1))),
+            "JsonTooDeep",
+        ),
+        case(
+            "retry state nested at the depth limit (legal)",
+            running(),
+            one(retry(deep_json(MAX_JSON_DEPTH))),
             "ok",
         ),
         case(
@@ -468,6 +474,24 @@ pub fn cases() -> Vec<Case> {
             "TransitionNotAllowed",
         ),
         case(
+            "tool result output nested one past the depth limit",
+            requires_action(),
+            one(results(vec![("call-1", deep_json(MAX_JSON_DEPTH + 1))])),
+            "JsonTooDeep",
+        ),
+        case(
+            "tool result output nested past the parser's limit",
+            requires_action(),
+            one(results(vec![("call-1", deep_json(127))])),
+            "JsonTooDeep",
+        ),
+        case(
+            "tool result output nested at the depth limit (legal)",
+            requires_action(),
+            one(results(vec![("call-1", deep_json(MAX_JSON_DEPTH))])),
+            "ok",
+        ),
+        case(
             "tool result of 1 MiB (legal)",
             requires_action(),
             one(results(vec![("call-1", big_json.clone())])),
@@ -545,7 +569,7 @@ pub fn cases() -> Vec<Case> {
             "ok",
         ),
         case(
-            "a part carrying a deeply nested document (legal)",
+            "a part nested at the depth limit (legal)",
             running(),
             one(literal(Input::CommitStep {
                 messages: vec![NewMessage::new(
@@ -553,7 +577,7 @@ pub fn cases() -> Vec<Case> {
                     vec![Part::Other(
                         JsonText::parse(&format!(
                             "{{\"type\":\"blob\",\"data\":{}}}",
-                            deep_json(100)
+                            deep_json(MAX_JSON_DEPTH - 1)
                         ))
                         .expect("valid JSON"),
                     )],

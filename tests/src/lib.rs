@@ -6,6 +6,7 @@
 //! test on a throwaway cluster the harness starts itself). The test binaries
 //! in `tests/tests/` instantiate the suite once per backend.
 
+pub mod boundary;
 pub mod concurrency;
 pub mod conformance;
 pub mod failures;

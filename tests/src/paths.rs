@@ -210,7 +210,8 @@ pub fn probes() -> Vec<Probe> {
     let want_pairs: BTreeSet<(Transition, ExecutionState)> =
         matrix.disallowed_pairs().into_iter().collect();
     let mut found: BTreeMap<Target, Probe> = BTreeMap::new();
-    let start = World::with_ids(vec![ChatId(Uuid::nil())]);
+    // Any id but nil (which creation refuses) will do: replays use their own.
+    let start = World::with_ids(vec![ChatId(Uuid::from_u128(1))]);
     let mut queue = VecDeque::from([(start, Vec::<Op>::new())]);
     let mut seen = HashSet::new();
     seen.insert(None);

@@ -301,7 +301,7 @@ fn tool_call(id: String, name: &str, provider_executed: bool) -> Part {
     Part::ToolCall {
         tool_call_id: id,
         tool_name: name.to_owned(),
-        args: JsonText::from_value(&serde_json::json!({"q": "x"})),
+        args: JsonText::from_value(&serde_json::json!({"q": "x"})).expect("shallow"),
         provider_executed,
     }
 }
@@ -363,7 +363,7 @@ impl Msg {
                 vec![Part::tool_result(
                     call_id(*call),
                     SERVER_TOOL,
-                    JsonText::from_value(&serde_json::json!({"late": true})),
+                    JsonText::from_value(&serde_json::json!({"late": true})).expect("shallow"),
                 )],
             ),
             Msg::Other(n) => NewMessage::new(

@@ -7,6 +7,7 @@
 mod bench;
 mod demo;
 mod explore;
+mod limits;
 mod replay;
 mod simulate;
 

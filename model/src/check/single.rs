@@ -395,9 +395,10 @@ impl Op {
             },
             Op::FinishTurn => Input::FinishTurn,
             Op::FinishError => Input::FinishError {
-                last_error: Some(JsonText::from_value(
-                    &serde_json::json!({"message": "provider failed"}),
-                )),
+                last_error: Some(
+                    JsonText::from_value(&serde_json::json!({"message": "provider failed"}))
+                        .expect("a flat object is within the depth limit"),
+                ),
             },
             Op::CancelRequiresAction => Input::CancelRequiresAction { reason: None },
             Op::ReconcileInvalidState => Input::ReconcileInvalidState {
