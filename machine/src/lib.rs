@@ -16,6 +16,11 @@
 //!   [`ChatMachine::lock`] and [`ChatMachine::read_lock`] hold the row lock
 //!   without bumping or publishing.
 //! - [`create_chat`] creates a chat (N -> R0).
+//! - Workers find chats that need one with [`Store::claimable`], take them
+//!   with [`ChatMachine::try_acquire`] (a losing [`Claim`] commits nothing),
+//!   keep them with [`ChatMachine::heartbeat`] (which reports a lost lease
+//!   as a [`LeaseStatus`]) and refuse stale steps with
+//!   [`Fenced::expect_history`].
 //! - [`Store`] is what a backing store implements: the in-memory store is
 //!   `chatstate-store-mem`, the PostgreSQL one `chatstate-store-pg`.
 //! - [`Notify`] chooses how notifications leave: through a [`Publisher`]
@@ -67,6 +72,7 @@
 //! # }
 //! ```
 
+mod claim;
 mod error;
 mod machine;
 mod publish;
@@ -79,6 +85,7 @@ pub use chatstate_model::{
     Rejection, RejectionKind, Role, RunnerId, Snapshot, Timestamp, ToolResultInput, Transition,
     Versions, Visibility, WorkerId,
 };
+pub use claim::{Claim, Ending, LeaseStatus};
 pub use error::{Error, FlushError, PublishError, StoreError, StoreErrorKind};
 pub use machine::{ChatMachine, CreateChat, Created, Fenced, Locked, ReadLocked, Tx, create_chat};
 pub use publish::{

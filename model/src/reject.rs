@@ -81,6 +81,14 @@ pub enum RejectionKind {
         /// The chat's runner now.
         actual: Option<RunnerId>,
     },
+    /// A call generated from a known history found the history changed
+    /// since (an edit, a send, another step): its step is stale.
+    HistoryChanged {
+        /// The `history_version` the caller generated from.
+        expected: i64,
+        /// The chat's `history_version` now.
+        actual: i64,
+    },
 }
 
 impl RejectionKind {
@@ -99,6 +107,7 @@ impl RejectionKind {
             RejectionKind::ToolResultMissing { .. } => "ToolResultMissing",
             RejectionKind::ToolResultUnexpected { .. } => "ToolResultUnexpected",
             RejectionKind::LeaseLost { .. } => "LeaseLost",
+            RejectionKind::HistoryChanged { .. } => "HistoryChanged",
         }
     }
 
@@ -169,6 +178,10 @@ fn render(r: &Rejection) -> String {
                 r.transition
             ),
         },
+        K::HistoryChanged { expected, actual } => format!(
+            "history changed: chat is at history version {actual}, not {expected} ({})",
+            r.transition
+        ),
     }
 }
 

@@ -4,6 +4,7 @@
 //! both remedies.
 
 mod caches;
+mod claims;
 mod common;
 mod faults;
 mod locking;
