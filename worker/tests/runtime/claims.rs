@@ -1,0 +1,107 @@
+//! Two runtimes on one store share the work: every runnable chat is taken
+//! by exactly one of them, and the claims they lose bump nothing.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chatstate::{ExecutionState, Options};
+use chatstate_worker::Runtime;
+use tokio::sync::mpsc;
+
+use crate::backend::Backend;
+use crate::handlers::Turn;
+
+/// Chats the API task creates.
+const CHATS: usize = 24;
+
+async fn every_runnable_chat_is_taken_by_exactly_one_runtime<B: Backend>() {
+    let b = Arc::new(B::new().await);
+    let (done, mut turns) = mpsc::unbounded_channel();
+    let mut runtimes = Vec::new();
+    for _ in 0..2 {
+        let runtime = Runtime::builder(b.store(), b.notify(), Turn { done: done.clone() })
+            .options(Options::default())
+            // Small enough that hints are dropped at capacity and sweeps
+            // pick the chats up.
+            .capacity(4)
+            .sweep_interval(Duration::from_millis(100))
+            .hints(b.hints().await)
+            .spawn()
+            .unwrap();
+        runtimes.push(runtime);
+    }
+
+    // The API side creates chats while both runtimes run.
+    let api = tokio::spawn({
+        let b = b.clone();
+        async move {
+            let mut chats = Vec::new();
+            for i in 0..CHATS {
+                chats.push(b.create(&format!("question {i}")).await);
+            }
+            chats
+        }
+    });
+    let chats = api.await.unwrap();
+
+    let mut taken = HashMap::new();
+    for _ in 0..CHATS {
+        let (worker, chat, result) = tokio::time::timeout(Duration::from_secs(60), turns.recv())
+            .await
+            .expect("every chat gets a turn")
+            .unwrap();
+        result.unwrap_or_else(|e| panic!("turn on {chat}: {e}"));
+        assert!(
+            taken.insert(chat, worker).is_none(),
+            "{chat} was taken twice"
+        );
+    }
+    let workers: Vec<_> = runtimes.iter().map(Runtime::worker_id).collect();
+    let mut stats = Vec::new();
+    for runtime in runtimes {
+        stats.push(runtime.shutdown().await);
+    }
+    assert!(turns.try_recv().is_err(), "no chat was taken again");
+
+    for chat in &chats {
+        assert!(taken.contains_key(chat), "{chat} was never taken");
+        let record = b.load(*chat).await;
+        assert_eq!(record.state(), ExecutionState::W);
+        assert_eq!(record.row.owner, None, "released after the turn");
+        // Create 1, claim 2, the turn 3, the release 4: the claims that
+        // lost moved nothing.
+        assert_eq!(record.row.versions.snapshot, 4, "{chat}");
+    }
+    let won: u64 = stats.iter().map(|s| s.claims_won).sum();
+    let lost: u64 = stats
+        .iter()
+        .map(|s| s.claims_held + s.claims_not_runnable)
+        .sum();
+    assert_eq!(won, CHATS as u64);
+    for (worker, s) in workers.iter().zip(&stats) {
+        let mine = taken.values().filter(|w| *w == worker).count() as u64;
+        assert_eq!(s.claims_won, mine);
+        assert_eq!(s.finished, mine);
+        assert_eq!((s.leases_lost, s.handed_back, s.claims_failed), (0, 0, 0));
+        println!(
+            "{}: won {} lost {} (held {}, not runnable {}), hints {} (deduplicated {}, at capacity {}), sweeps {} found {}",
+            std::any::type_name::<B>(),
+            s.claims_won,
+            s.claims_held + s.claims_not_runnable,
+            s.claims_held,
+            s.claims_not_runnable,
+            s.hints,
+            s.hints_deduplicated,
+            s.hints_at_capacity,
+            s.sweeps,
+            s.swept,
+        );
+    }
+    assert!(
+        lost > 0,
+        "both runtimes hear every hint, so some claims lose"
+    );
+}
+
+on_both_stores!(every_runnable_chat_is_taken_by_exactly_one_runtime);
