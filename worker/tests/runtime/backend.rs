@@ -167,6 +167,18 @@ impl HintSource for Hints {
     }
 }
 
+/// Waits until `condition` holds (a runtime's counters reached a value),
+/// checking every few milliseconds; fails after 20 s.
+pub(crate) async fn until(what: &str, condition: impl Fn() -> bool) {
+    let waited = tokio::time::timeout(Duration::from_secs(20), async {
+        while !condition() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert!(waited.is_ok(), "timed out waiting until {what}");
+}
+
 /// Runs a generic test on both stores, as `<name>::mem` and `<name>::pg`.
 macro_rules! on_both_stores {
     ($($name:ident),* $(,)?) => {$(

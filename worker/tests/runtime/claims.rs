@@ -10,7 +10,7 @@ use chatstate_worker::Runtime;
 use tokio::sync::mpsc;
 
 use crate::backend::Backend;
-use crate::handlers::Turn;
+use crate::handlers::{OneStepAtATime, Turn};
 
 /// Chats the API task creates.
 const CHATS: usize = 24;
@@ -104,4 +104,38 @@ async fn every_runnable_chat_is_taken_by_exactly_one_runtime<B: Backend>() {
     );
 }
 
-on_both_stores!(every_runnable_chat_is_taken_by_exactly_one_runtime);
+/// A handler that finishes while the chat is still runnable gets it again
+/// at once: the release publishes a hint, which this runtime filters out
+/// while it still holds the chat, so the chat is offered again when the
+/// task ends (no hint source, no sweep needed).
+async fn a_chat_released_runnable_is_claimed_again_at_once<B: Backend>() {
+    let b = B::new().await;
+    let chat = b.create("a long answer").await;
+    let (calls, mut seen) = mpsc::unbounded_channel();
+    let runtime = Runtime::builder(b.store(), b.notify(), OneStepAtATime { calls })
+        .sweep_interval(Duration::from_secs(3600))
+        .spawn()
+        .unwrap();
+    for expected in [ExecutionState::R0, ExecutionState::W] {
+        let (got, step) = tokio::time::timeout(Duration::from_secs(20), seen.recv())
+            .await
+            .expect("the chat is claimed")
+            .unwrap();
+        assert_eq!((got, step.unwrap()), (chat, expected));
+    }
+    let stats = runtime.shutdown().await;
+    assert_eq!(
+        (stats.claims_won, stats.finished, stats.sweeps, stats.swept),
+        (2, 2, 1, 1),
+        "{stats:?}"
+    );
+    let record = b.load(chat).await;
+    assert_eq!(record.state(), ExecutionState::W);
+    // Create, claim, step, release, claim, end of turn, release.
+    assert_eq!(record.row.versions.snapshot, 7);
+}
+
+on_both_stores!(
+    every_runnable_chat_is_taken_by_exactly_one_runtime,
+    a_chat_released_runnable_is_claimed_again_at_once,
+);

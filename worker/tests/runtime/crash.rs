@@ -10,7 +10,7 @@ use chatstate_worker::Runtime;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout};
 
-use crate::backend::Backend;
+use crate::backend::{Backend, until};
 use crate::handlers::Hold;
 
 const STALE: Duration = Duration::from_secs(2);
@@ -46,9 +46,21 @@ async fn a_crashed_runtimes_chat_is_re_owned_after_its_lease_goes_stale<B: Backe
     assert_eq!((held.chat, held.worker), (chat, a.worker_id()));
 
     // The second runtime starts while the lease is fresh: its first sweep
-    // finds nothing.
+    // finds nothing to claim.
     let (started_b, mut b_started) = mpsc::unbounded_channel();
     let b_runtime = runtime(started_b).await;
+    until("the second runtime swept", || b_runtime.stats().sweeps > 0).await;
+    if !b.injected_clock() {
+        // In real time, heartbeats keep the lease fresh for longer than
+        // `heartbeat_stale` while the other runtime sweeps.
+        let beats = (STALE.as_millis() / HEARTBEAT.as_millis()) as u64 + 1;
+        until("the lease outlived heartbeat_stale", || {
+            a.stats().heartbeats >= beats
+        })
+        .await;
+    }
+    assert!(b_started.try_recv().is_err(), "a fresh lease is not taken");
+    assert_eq!(b_runtime.stats().claims_won, 0);
 
     let crashed_at = Instant::now();
     let a_stats = a.abort();

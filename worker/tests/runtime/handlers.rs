@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use chatstate::{ChatId, Error, NewMessage, Part, Store, WorkerId};
+use chatstate::{ChatId, Error, ExecutionState, NewMessage, Part, Store, WorkerId};
 use chatstate_worker::{Handler, HeartbeatWatch, Lease, Released};
 use tokio::sync::{Notify, mpsc};
 
@@ -144,6 +144,36 @@ impl<S: Store> Handler<S> for WaitLost {
         let _ = self.started.send(started(lease));
         lease.lost().await;
         let _ = self.lost.send(lease.chat_id());
+        Released::Finished
+    }
+}
+
+/// Commits one step and lets go while the chat is still runnable; on the
+/// next claim (the history has an answer) ends the turn. Reports each call.
+pub(crate) struct OneStepAtATime {
+    pub(crate) calls: mpsc::UnboundedSender<(ChatId, Result<ExecutionState, Error>)>,
+}
+
+impl<S: Store> Handler<S> for OneStepAtATime {
+    async fn handle(&self, lease: &Lease<S>) -> Released {
+        let step = async {
+            let record = lease.load().await?;
+            let answered = record
+                .active_history()
+                .any(|m| m.role == chatstate::Role::Assistant);
+            lease
+                .update(async |tx| {
+                    let outcome = if answered {
+                        tx.finish_turn().await?
+                    } else {
+                        tx.commit_step(vec![NewMessage::assistant("part")], false)
+                            .await?
+                    };
+                    Ok(outcome.to)
+                })
+                .await
+        };
+        let _ = self.calls.send((lease.chat_id(), step.await));
         Released::Finished
     }
 }

@@ -10,4 +10,5 @@ mod claims;
 mod config;
 mod crash;
 mod fencing;
+mod hints;
 mod shutdown;

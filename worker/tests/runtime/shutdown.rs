@@ -12,7 +12,7 @@ use chatstate_worker::Runtime;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout};
 
-use crate::backend::Backend;
+use crate::backend::{Backend, until};
 use crate::handlers::{Hold, Turn};
 
 const GRACE: Duration = Duration::from_millis(300);
@@ -47,13 +47,7 @@ async fn graceful_shutdown_hands_chats_back_to_another_runtime<B: Backend>() {
         .hints(b.hints().await)
         .spawn()
         .unwrap();
-    timeout(WAIT, async {
-        while other.stats().sweeps == 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .expect("the first sweep runs at start");
+    until("the first sweep ran", || other.stats().sweeps > 0).await;
 
     let stopping = Instant::now();
     let a_stats = a.shutdown().await;
