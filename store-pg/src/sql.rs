@@ -630,7 +630,8 @@ SELECT c.id IS NOT NULL AS found, (SELECT count(*) FROM beat) AS written,
 
 /// The chats that need an owner, oldest first (`updated_at`, then id), at
 /// most `$3`: status in `$1` (the model's runnable statuses), not archived,
-/// no owner or no heartbeat of the owner's runner younger than `$2` µs.
+/// no heartbeat of the owner's runner younger than `$2` µs (without an
+/// owner, `h.runner_id = NULL` matches nothing: an anti-join, no `OR`).
 ///
 /// The filter on status and `NOT archived` is the predicate of the
 /// acquisition index `chats_acquisition_candidates (status, updated_at, id)
@@ -646,10 +647,10 @@ SELECT c.id IS NOT NULL AS found, (SELECT count(*) FROM beat) AS written,
 pub(crate) const CLAIMABLE: &str = "\
 SELECT c.id FROM chats c
  WHERE c.status = ANY($1::text[]) AND NOT c.archived
-   AND (c.runner_id IS NULL OR NOT EXISTS (
+   AND NOT EXISTS (
         SELECT 1 FROM chat_heartbeats h
          WHERE h.chat_id = c.id AND h.runner_id = c.runner_id
-           AND h.heartbeat_at > now() - interval '1 microsecond' * $2))
+           AND h.heartbeat_at > now() - interval '1 microsecond' * $2)
  ORDER BY c.updated_at, c.id
  LIMIT $3
    FOR NO KEY UPDATE OF c SKIP LOCKED";
@@ -720,6 +721,69 @@ mod tests {
             assert!(seen.insert(shape.index()), "{i}: {shape:?}");
         }
         assert_eq!(seen.len(), SHAPES * 3 / 4);
+    }
+
+    /// The claimable sweep reads the acquisition index of migration 0001
+    /// (`chats_acquisition_candidates`), not the whole table: 20,000 idle
+    /// chats and 20 runnable ones, analysed, then the server's plan.
+    #[tokio::test]
+    async fn claimable_uses_the_acquisition_index() {
+        use sqlx::Connection;
+        let cluster = crate::throwaway::Cluster::shared().unwrap_or_else(|e| panic!("{e}"));
+        let pool = cluster
+            .new_database()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut conn = pool.acquire().await.unwrap();
+        sqlx::query(
+            "INSERT INTO chats (id, owner_id, status, archived, updated_at)
+             SELECT gen_random_uuid(), gen_random_uuid(),
+                    CASE WHEN i % 1000 = 0 THEN 'running' ELSE 'waiting' END,
+                    i % 3 = 0, now() - i * interval '1 second'
+               FROM generate_series(1, 20020) AS i",
+        )
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+        sqlx::query("ANALYZE chats")
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        let statuses: Vec<String> = chatstate_model::ChatStatus::runnable()
+            .iter()
+            .map(|s| s.as_str().to_owned())
+            .collect();
+        let explain = |analyze: bool| {
+            let options = if analyze {
+                "(ANALYZE, COSTS OFF)"
+            } else {
+                "(COSTS OFF)"
+            };
+            format!("EXPLAIN {options} {CLAIMABLE}")
+        };
+        let plan: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(explain(false)))
+            .bind(&statuses)
+            .bind(30_000_000_i64)
+            .bind(10_i64)
+            .fetch_all(&mut *conn)
+            .await
+            .unwrap();
+        let plan = plan.join("\n");
+        assert!(
+            plan.contains("chats_acquisition_candidates"),
+            "the sweep does not use the acquisition index:\n{plan}"
+        );
+        assert!(!plan.contains("Seq Scan on chats"), "{plan}");
+        let mut tx = conn.begin().await.unwrap();
+        let analysed: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(explain(true)))
+            .bind(&statuses)
+            .bind(30_000_000_i64)
+            .bind(10_i64)
+            .fetch_all(&mut *tx)
+            .await
+            .unwrap();
+        println!("{}", analysed.join("\n"));
+        tx.rollback().await.unwrap();
     }
 
     /// Every shape's statement parses and type-checks on the server, with
