@@ -183,13 +183,15 @@ impl<S: Store, H: Handler<S>> ClaimLoop<S, H> {
         }
         self.sweep_due = false;
         let counters = self.shared.counters.clone();
-        bump(&counters.sweeps);
-        match self
+        let found = self
             .shared
             .store
             .claimable(&self.shared.options, free)
-            .await
-        {
+            .await;
+        // Counted once the query has answered, so that whoever reads the
+        // counters knows what this sweep saw is settled.
+        bump(&counters.sweeps);
+        match found {
             Ok(chats) => {
                 add(&counters.swept, chats.len() as u64);
                 for chat in chats {

@@ -41,7 +41,7 @@ pub struct Stats {
     /// Hints dropped because the runtime was at capacity (a sweep follows
     /// when a slot frees).
     pub hints_at_capacity: u64,
-    /// Sweeps of `Store::claimable` run.
+    /// Sweeps of `Store::claimable` that have answered (or failed).
     pub sweeps: u64,
     /// Chats the sweeps returned.
     pub swept: u64,
