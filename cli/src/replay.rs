@@ -933,7 +933,14 @@ impl<S: Store + TestControl> Driver<S> {
                 .machine
                 .heartbeat(*runner)
                 .await
-                .map(|()| None)
+                .and_then(|status| match status {
+                    // Traces record a heartbeat of a missing chat as
+                    // ChatNotFound, whatever the lease status says.
+                    chatstate::LeaseStatus::ChatGone => {
+                        Err(Error::ChatNotFound(self.machine.chat_id()))
+                    }
+                    _ => Ok(None),
+                })
                 .map_err(|e| ErrorView::error(&e, None, names)),
             Op::SetRaw {
                 status, archived, ..

@@ -770,7 +770,10 @@ async fn heartbeats<S: Store>(sh: Arc<Shared<S>>, inc: Arc<Incarnation>) -> u64 
             if inc.crashed.load(Ordering::Relaxed) {
                 break;
             }
-            if sh.store.heartbeat(chat, runner).await.is_ok() {
+            if matches!(
+                sh.store.heartbeat(chat, runner).await,
+                Ok(chatstate::LeaseStatus::Held)
+            ) {
                 n += 1;
             }
         }

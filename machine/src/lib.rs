@@ -19,6 +19,11 @@
 //!   failure that rolled it back for a transient cause
 //!   ([`Error::is_retryable`]), under a [`RetryPolicy`].
 //! - [`create_chat`] creates a chat (N -> R0).
+//! - Workers find chats that need one with [`Store::claimable`], take them
+//!   with [`ChatMachine::try_acquire`] (a losing [`Claim`] commits nothing),
+//!   keep them with [`ChatMachine::heartbeat`] (which reports a lost lease
+//!   as a [`LeaseStatus`]) and refuse stale steps with
+//!   [`Fenced::expect_history`].
 //! - [`Store`] is what a backing store implements: the in-memory store is
 //!   `chatstate-store-mem`, the PostgreSQL one `chatstate-store-pg`.
 //! - [`Notify`] chooses how notifications leave: through a [`Publisher`]
@@ -70,6 +75,7 @@
 //! # }
 //! ```
 
+mod claim;
 mod error;
 mod machine;
 mod publish;
@@ -83,6 +89,7 @@ pub use chatstate_model::{
     Rejection, RejectionKind, Role, RunnerId, Snapshot, Timestamp, ToolResultInput, Transition,
     Versions, Visibility, WorkerId,
 };
+pub use claim::{Claim, Ending, LeaseStatus};
 pub use error::{CommitState, Error, FlushError, PublishError, StoreError, StoreErrorKind};
 pub use machine::{ChatMachine, CreateChat, Created, Fenced, Locked, ReadLocked, Tx, create_chat};
 pub use publish::{

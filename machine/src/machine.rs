@@ -11,6 +11,7 @@ use chatstate_model::{
 };
 use uuid::Uuid;
 
+use crate::claim::LeaseStatus;
 use crate::error::{Error, StoreError, StoreErrorKind};
 use crate::publish::{Notify, PublishBuffer};
 use crate::store::{
@@ -272,15 +273,14 @@ impl<S: Store> ChatMachine<S> {
         self.read_lock(async |r| r.load().await).await
     }
 
-    /// Refreshes the lease of `runner` on this chat (store time). Never
-    /// bumps, never publishes, and does not wait for the row lock.
-    pub async fn heartbeat(&self, runner: RunnerId) -> Result<(), Error> {
+    /// Refreshes the lease of `runner` if, and only if, `runner` is still
+    /// the chat's runner (store time). Never bumps, never publishes, and
+    /// does not wait for the row lock. The status tells a worker whether it
+    /// still holds the chat: [`LeaseStatus::Lost`] and
+    /// [`LeaseStatus::ChatGone`] mean it must stop.
+    pub async fn heartbeat(&self, runner: RunnerId) -> Result<LeaseStatus, Error> {
         self.check_options()?;
-        if self.store.heartbeat(self.chat_id, runner).await? {
-            Ok(())
-        } else {
-            Err(Error::ChatNotFound(self.chat_id))
-        }
+        Ok(self.store.heartbeat(self.chat_id, runner).await?)
     }
 }
 
@@ -407,13 +407,16 @@ impl<'a, S: Store> Tx<'a, S> {
     /// transaction usable. Otherwise the store writes the plan, and the
     /// landed state is asserted to be in the matrix cell.
     pub async fn apply(&mut self, input: Input) -> Result<Outcome, Error> {
-        self.apply_fenced(input, None).await
+        self.apply_fenced(input, None, None).await
     }
 
+    /// Applies one transition with an optional runner fence and history
+    /// expectation, both checked by the model under the lock.
     async fn apply_fenced(
         &mut self,
         input: Input,
         fence: Option<RunnerId>,
+        history: Option<i64>,
     ) -> Result<Outcome, Error> {
         let edit: Option<EditContext> = match &input {
             Input::EditMessage { message_id, .. } => {
@@ -429,6 +432,7 @@ impl<'a, S: Store> Tx<'a, S> {
                 options: self.options,
                 matrix: Matrix::REFERENCE,
                 fence,
+                history,
                 edit: edit.as_ref(),
             },
         )?;
@@ -516,7 +520,11 @@ impl<'a, S: Store> Tx<'a, S> {
         .await
     }
 
-    /// Acquire: take ownership and write a fresh heartbeat.
+    /// Acquire: take ownership and write a fresh heartbeat, unconditionally:
+    /// it takes over even a fresh lease (tests and trace replays rely on
+    /// that). Workers claim with [`ChatMachine::try_acquire`] instead, which
+    /// takes the chat only when it is runnable and nobody keeps its lease
+    /// alive.
     pub async fn acquire(
         &mut self,
         worker_id: WorkerId,
@@ -533,7 +541,7 @@ impl<'a, S: Store> Tx<'a, S> {
 
     /// How the unfenced worker transitions apply: no runner check.
     async fn worker(&mut self, input: Input) -> Result<Outcome, Error> {
-        self.apply_fenced(input, None).await
+        self.apply_fenced(input, None, None).await
     }
 
     worker_transitions!("");
@@ -555,7 +563,11 @@ impl<'a, S: Store> Tx<'a, S> {
     /// first checks, under the lock, that the chat's runner is `runner` and
     /// otherwise fails with `LeaseLost`, whatever the state.
     pub fn fenced(&mut self, runner: RunnerId) -> Fenced<'_, 'a, S> {
-        Fenced { tx: self, runner }
+        Fenced {
+            tx: self,
+            runner,
+            history: None,
+        }
     }
 
     /// Reads the whole chat (row, metadata, queue, history) as this
@@ -641,12 +653,43 @@ impl<'a, S: Store> Tx<'a, S> {
 pub struct Fenced<'t, 'a, S: Store> {
     tx: &'t mut Tx<'a, S>,
     runner: RunnerId,
+    /// The `history_version` the caller generated from, if it said so.
+    history: Option<i64>,
 }
 
 impl<S: Store> Fenced<'_, '_, S> {
-    /// How the fenced worker transitions apply: the runner is checked first.
+    /// From now on, each fenced transition of this handle first checks
+    /// (under the lock, after the runner check) that the chat's
+    /// `history_version` equals `version`, else fails with
+    /// `RejectionKind::HistoryChanged { expected, actual }` (a rejection:
+    /// nothing written, the Update may go on or end). A worker passes the
+    /// version of the history it generated its step from, so a step built
+    /// on a history that was edited meanwhile (an edit keeps the owner, so
+    /// the runner fence alone lets it through) is refused.
+    ///
+    /// The handle's own transitions do not count as a change: after one of
+    /// them succeeds, the expectation moves to the history it left, so a
+    /// worker can commit a step and then finish its turn through the same
+    /// handle. (Nothing else can change the history in between: the Update
+    /// holds the row lock.)
+    pub fn expect_history(self, version: i64) -> Self {
+        Fenced {
+            history: Some(version),
+            ..self
+        }
+    }
+
+    /// How the fenced worker transitions apply: the runner is checked
+    /// first, then the history expectation.
     async fn worker(&mut self, input: Input) -> Result<Outcome, Error> {
-        self.tx.apply_fenced(input, Some(self.runner)).await
+        let out = self
+            .tx
+            .apply_fenced(input, Some(self.runner), self.history)
+            .await?;
+        if self.history.is_some() {
+            self.history = Some(self.tx.snap.row.versions.history);
+        }
+        Ok(out)
     }
 
     worker_transitions!(", if the chat's runner is still ours (else `LeaseLost`)");

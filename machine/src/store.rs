@@ -16,6 +16,7 @@ use chatstate_model::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::claim::LeaseStatus;
 use crate::error::StoreError;
 
 /// Row lock strength.
@@ -70,13 +71,32 @@ pub trait Store: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<CreateOutcome, StoreError>> + Send;
 
     /// Upserts the heartbeat of (chat, runner) at store time, in a
-    /// transaction of its own. Never bumps, never publishes, and does not
-    /// wait for the chat's row lock. `false` if the chat does not exist.
+    /// transaction of its own, if and only if `runner` is the chat's
+    /// committed runner. Never bumps, never publishes, and does not wait for
+    /// the chat's row lock (it reads the last committed row).
     fn heartbeat(
         &self,
         chat: ChatId,
         runner: RunnerId,
-    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+    ) -> impl Future<Output = Result<LeaseStatus, StoreError>> + Send;
+
+    /// Chats that need an owner: runnable by the model's classifier (not
+    /// archived, status in [`ChatStatus::runnable`](chatstate_model::ChatStatus::runnable), which a model test
+    /// proves equal to the classifier), lease missing or stale by store
+    /// time (`options.heartbeat_stale`); oldest first by the row's last
+    /// write of execution state (`updated_at`, then id); at most `limit`.
+    ///
+    /// It never waits for a row lock: a chat whose row another transaction
+    /// holds locked (an Update, a Lock, a ReadLock) is skipped, not waited
+    /// for; the next sweep, or the hint that transaction publishes, finds
+    /// it. The answer is a snapshot: claim each chat with
+    /// [`ChatMachine::try_acquire`](crate::ChatMachine::try_acquire), which
+    /// decides again under the lock.
+    fn claimable(
+        &self,
+        options: &Options,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<ChatId>, StoreError>> + Send;
 }
 
 /// What [`Store::create_chat`] did.

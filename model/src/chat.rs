@@ -265,6 +265,9 @@ impl Chat {
                 .messages
                 .push(self.push_message(msg, Some(qid), revision));
         }
+        if plan.prune_heartbeats {
+            self.heartbeats.retain(|r, _| Some(*r) == plan.heartbeat);
+        }
         if let Some(runner) = plan.heartbeat {
             self.heartbeats.insert(runner, now);
         }
@@ -291,6 +294,7 @@ pub fn step(chat: &Chat, input: &Input, env: &StepEnv<'_>) -> Result<(Chat, Outc
             options: env.options,
             matrix: env.matrix,
             fence: env.fence,
+            history: None,
             edit: edit.as_ref(),
         },
     )?;

@@ -89,6 +89,14 @@ pub enum RejectionKind {
         /// The chat's runner now.
         actual: Option<RunnerId>,
     },
+    /// A call generated from a known history found the history changed
+    /// since (an edit, a send, another step): its step is stale.
+    HistoryChanged {
+        /// The `history_version` the caller generated from.
+        expected: i64,
+        /// The chat's `history_version` now.
+        actual: i64,
+    },
 }
 
 impl RejectionKind {
@@ -108,6 +116,7 @@ impl RejectionKind {
             RejectionKind::ToolResultUnexpected { .. } => "ToolResultUnexpected",
             RejectionKind::JsonTooDeep { .. } => "JsonTooDeep",
             RejectionKind::LeaseLost { .. } => "LeaseLost",
+            RejectionKind::HistoryChanged { .. } => "HistoryChanged",
         }
     }
 
@@ -184,6 +193,10 @@ fn render(r: &Rejection) -> String {
                 r.transition
             ),
         },
+        K::HistoryChanged { expected, actual } => format!(
+            "history changed: chat is at history version {actual}, not {expected} ({})",
+            r.transition
+        ),
     }
 }
 

@@ -377,6 +377,20 @@ pub fn state_model_doc(matrix: &Matrix) -> String {
     }
 
     let _ = writeln!(out);
+    let _ = writeln!(out, "## Validation order");
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "A transition is checked in this order, and the first failure is the rejection: \
+         (1) the runner fence, for fenced worker calls (`LeaseLost`: a worker that lost its \
+         lease learns that first, whatever the state); (2) the history expectation, for \
+         calls that carry one (`HistoryChanged`: a step generated from an older history, \
+         for example before an EditMessage, which keeps the owner, is refused whatever the \
+         state); (3) Invalid (every transition but ReconcileInvalidState, Acquire and \
+         Abandon); (4) the matrix; (5) the inputs. A rejection writes nothing."
+    );
+
+    let _ = writeln!(out);
     let _ = writeln!(out, "## Matrix");
     let _ = writeln!(out);
     out.push_str(&markdown(matrix));

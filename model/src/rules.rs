@@ -133,17 +133,22 @@ pub struct Env<'a> {
     pub matrix: Matrix,
     /// For fenced worker calls: the runner the caller holds.
     pub fence: Option<RunnerId>,
+    /// For calls generated from a known history: the `history_version` it
+    /// had (a step generated from an older history is refused).
+    pub history: Option<i64>,
     /// For EditMessage: the target's context.
     pub edit: Option<&'a EditContext>,
 }
 
 impl<'a> Env<'a> {
-    /// An environment with the reference matrix, no fence and no edit context.
+    /// An environment with the reference matrix, no fence, no history
+    /// expectation and no edit context.
     pub fn new(options: &'a Options) -> Self {
         Env {
             options,
             matrix: Matrix::REFERENCE,
             fence: None,
+            history: None,
             edit: None,
         }
     }
@@ -154,7 +159,7 @@ impl<'a> Env<'a> {
 /// Stores apply a plan in this order: soft deletes, queue reorder, queue
 /// deletes, queue append, message inserts (`messages` in order, then the
 /// promoted queued row as a user message, then delete of that row), the
-/// heartbeat upsert, and the row write. Every written message gets
+/// heartbeat prune and upsert, and the row write. Every written message gets
 /// `revision = row.versions.snapshot`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Plan {
@@ -184,6 +189,11 @@ pub struct Plan {
     pub promote: Option<QueuedMessageId>,
     /// Runner whose heartbeat to upsert at store time.
     pub heartbeat: Option<RunnerId>,
+    /// Delete every heartbeat row of the chat except `heartbeat`'s (all of
+    /// them when `heartbeat` is `None`): set by the transitions that change
+    /// the lease (Acquire, Abandon), so the heartbeat rows stay bounded by
+    /// the chats owned.
+    pub prune_heartbeats: bool,
     /// Tool bookkeeping afterwards.
     pub tools: ToolState,
     /// Lease freshness afterwards.
@@ -313,9 +323,16 @@ pub struct Outcome {
 
 /// Decides one transition against a snapshot.
 ///
-/// Validation order: the runner fence (fenced calls only), then Invalid
-/// (every transition but ReconcileInvalidState, Acquire and Abandon), then
-/// the matrix, then the inputs. A rejection leaves everything unchanged.
+/// Validation order: the runner fence (fenced calls only), then the
+/// history expectation (calls that carry one), then Invalid (every
+/// transition but ReconcileInvalidState, Acquire and Abandon), then the
+/// matrix, then the inputs. A rejection leaves everything unchanged.
+///
+/// The history expectation comes after the fence (a worker that lost its
+/// lease learns that first: it must stop, whatever happened to the
+/// history) and before everything else (a step generated from an old
+/// history is refused whatever the state now, so the worker regenerates or
+/// gives up instead of reading a matrix rejection it cannot act on).
 pub fn decide(snap: &Snapshot, input: &Input, env: &Env<'_>) -> Result<Plan, Rejection> {
     let transition = input.transition();
     let from = snap.state();
@@ -336,6 +353,14 @@ pub fn decide(snap: &Snapshot, input: &Input, env: &Env<'_>) -> Result<Plan, Rej
         let actual = snap.row.owner.map(|o| o.runner_id);
         if actual != Some(expected) {
             return Err(reject(RejectionKind::LeaseLost { expected, actual }));
+        }
+    }
+    // A step generated from an old history (an EditMessage keeps the owner,
+    // so the fence alone cannot tell) is refused.
+    if let Some(expected) = env.history {
+        let actual = snap.row.versions.history;
+        if actual != expected {
+            return Err(reject(RejectionKind::HistoryChanged { expected, actual }));
         }
     }
     match transition {
@@ -670,6 +695,9 @@ pub fn decide(snap: &Snapshot, input: &Input, env: &Env<'_>) -> Result<Plan, Rej
             // Ownership is orthogonal: no matrix, no check of the current owner.
             d.row.owner = Some(*owner);
             d.heartbeat = Some(owner.runner_id);
+            // Earlier runners' heartbeat rows can never make a lease fresh
+            // again (only an Acquire can, and it writes its own).
+            d.prune_heartbeats = true;
             d.lease_fresh = true;
         }
         Input::Abandon => {
@@ -677,6 +705,7 @@ pub fn decide(snap: &Snapshot, input: &Input, env: &Env<'_>) -> Result<Plan, Rej
                 return Err(not_allowed(reasons::NOT_OWNED));
             }
             d.row.owner = None;
+            d.prune_heartbeats = true;
             d.lease_fresh = false;
         }
     }
@@ -706,6 +735,7 @@ struct Draft<'s> {
     cancellations: usize,
     promote: Option<QueuedMessageId>,
     heartbeat: Option<RunnerId>,
+    prune_heartbeats: bool,
     moved_to_head: bool,
 }
 
@@ -726,6 +756,7 @@ impl<'s> Draft<'s> {
             cancellations: 0,
             promote: None,
             heartbeat: None,
+            prune_heartbeats: false,
             moved_to_head: false,
         }
     }
@@ -873,6 +904,7 @@ impl<'s> Draft<'s> {
             cancellations: self.cancellations,
             promote: self.promote,
             heartbeat: self.heartbeat,
+            prune_heartbeats: self.prune_heartbeats,
             tools: self.tools,
             lease_fresh: self.lease_fresh,
             moved_to_head: self.moved_to_head,

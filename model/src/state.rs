@@ -198,6 +198,22 @@ impl ChatStatus {
         }
     }
 
+    /// The statuses in which a chat needs a worker, derived from the
+    /// classifier: a stored (status, archived, queue) is runnable exactly
+    /// when it is not archived and its status is one of these, whatever the
+    /// queue (a test checks every tuple). So a store can find the chats that
+    /// need a worker from the chat row alone, without reading the queue.
+    pub fn runnable() -> Vec<ChatStatus> {
+        Self::KNOWN
+            .into_iter()
+            .filter(|s| {
+                [false, true]
+                    .into_iter()
+                    .any(|queue| ExecutionState::classify(s, false, queue).is_runnable())
+            })
+            .collect()
+    }
+
     /// Maps stored text to a status; unknown text becomes [`ChatStatus::Other`].
     pub fn parse(s: &str) -> Self {
         Self::KNOWN
@@ -260,6 +276,29 @@ mod tests {
             .map(ExecutionState::as_str)
             .collect();
         assert_eq!(queued, ["E1", "R1", "I1", "A1", "XE1"]);
+    }
+
+    /// `ChatStatus::runnable` and "not archived" decide runnability from
+    /// the row alone: for every stored tuple they agree with the classifier.
+    #[test]
+    fn runnable_statuses_match_the_classifier() {
+        let runnable = ChatStatus::runnable();
+        let statuses = ChatStatus::KNOWN
+            .into_iter()
+            .chain(["pending", "paused", "completed"].map(ChatStatus::parse));
+        for s in statuses {
+            for archived in [false, true] {
+                for queue in [false, true] {
+                    assert_eq!(
+                        ExecutionState::classify(&s, archived, queue).is_runnable(),
+                        !archived && runnable.contains(&s),
+                        "{s} archived={archived} queue={queue}"
+                    );
+                }
+            }
+        }
+        let names: Vec<_> = runnable.iter().map(ChatStatus::as_str).collect();
+        assert_eq!(names, ["running", "interrupting", "requires_action"]);
     }
 
     #[test]

@@ -28,12 +28,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use chatstate::{
-    ChatMetadata, ChatRecord, CreateOutcome, LockMode, MetadataPatch, Published, Store, StoreError,
-    StoreErrorKind, StoreTx, TestControl,
+    ChatMetadata, ChatRecord, CreateOutcome, LeaseStatus, LockMode, MetadataPatch, Published,
+    Store, StoreError, StoreErrorKind, StoreTx, TestControl,
 };
 use chatstate_model::{
     Assigned, ChatId, ChatRow, ChatStatus, EditContext, EditTarget, Message, MessageId, NewMessage,
-    Notification, Options, Plan, QueuedMessage, QueuedMessageId, Role, RunnerId, Snapshot,
+    Notification, Options, Owner, Plan, QueuedMessage, QueuedMessageId, Role, RunnerId, Snapshot,
     Timestamp, ToolState,
 };
 use tokio::sync::{OwnedRwLockReadGuard, OwnedRwLockWriteGuard, RwLock, broadcast};
@@ -142,6 +142,13 @@ struct ChatData {
     /// Every message in id order, soft-deleted ones included.
     history: Vec<Message>,
     heartbeats: HashMap<RunnerId, Timestamp>,
+    /// The owner as last committed. An open transaction writes `row` in
+    /// place, but a heartbeat, which never waits for the row lock, must
+    /// judge by the committed lease (as a database read would).
+    committed_owner: Option<Owner>,
+    /// Store time of the last write of execution state (the row), the
+    /// order of [`Store::claimable`].
+    updated_at: Timestamp,
     /// The tool bookkeeping of the active history, derived from it by this
     /// store (never taken from a plan), kept up to date as messages are
     /// appended and dropped (`None`) when history is truncated or rolled
@@ -297,6 +304,23 @@ impl MemStore {
             .cloned()
     }
 
+    /// How many heartbeat rows the store holds, over every chat (lets tests
+    /// check that they stay bounded by the chats owned).
+    pub fn heartbeat_rows(&self) -> usize {
+        let slots: Vec<Arc<Slot>> = self
+            .inner
+            .chats
+            .lock()
+            .expect("chat map")
+            .values()
+            .cloned()
+            .collect();
+        slots
+            .iter()
+            .map(|slot| slot.data.lock().expect("chat data").heartbeats.len())
+            .sum()
+    }
+
     /// How many transactions are waiting for a row lock right now (lets
     /// tests observe blocking without sleeping).
     pub fn lock_waiters(&self) -> usize {
@@ -428,6 +452,7 @@ enum Undo {
     SoftDelete(Arc<Slot>, usize, i64),
     Queue(Arc<Slot>, Vec<QueuedMessage>),
     Heartbeat(Arc<Slot>, RunnerId, Option<Timestamp>),
+    UpdatedAt(Arc<Slot>, Timestamp),
 }
 
 /// A transaction of the in-memory store.
@@ -488,6 +513,7 @@ impl MemTx {
                         None => d.heartbeats.remove(&runner),
                     };
                 }
+                Undo::UpdatedAt(slot, t) => slot.data.lock().expect("chat data").updated_at = t,
             }
         }
     }
@@ -593,6 +619,8 @@ impl Store for MemStore {
                     queue: Vec::new(),
                     history,
                     heartbeats: HashMap::new(),
+                    committed_owner: row.owner,
+                    updated_at: self.inner.clock.now(),
                     tools: None,
                 }),
             }),
@@ -605,18 +633,51 @@ impl Store for MemStore {
         Ok(CreateOutcome::Created(ids))
     }
 
-    async fn heartbeat(&self, chat: ChatId, runner: RunnerId) -> Result<bool, StoreError> {
+    async fn heartbeat(&self, chat: ChatId, runner: RunnerId) -> Result<LeaseStatus, StoreError> {
         self.inner.call("upsert heartbeat")?;
         let Some(slot) = self.slot(chat) else {
-            return Ok(false);
+            return Ok(LeaseStatus::ChatGone);
         };
         let now = self.inner.clock.now();
-        slot.data
+        let mut d = slot.data.lock().expect("chat data");
+        // Written only while `runner` holds the committed lease: a worker
+        // whose chat was taken over learns it here, and its heartbeat row
+        // does not come back after the takeover deleted it.
+        match d.committed_owner {
+            Some(owner) if owner.runner_id == runner => {
+                d.heartbeats.insert(runner, now);
+                Ok(LeaseStatus::Held)
+            }
+            owner => Ok(LeaseStatus::Lost { owner }),
+        }
+    }
+
+    async fn claimable(&self, options: &Options, limit: usize) -> Result<Vec<ChatId>, StoreError> {
+        self.inner.call("find claimable chats")?;
+        let slots: Vec<Arc<Slot>> = self
+            .inner
+            .chats
             .lock()
-            .expect("chat data")
-            .heartbeats
-            .insert(runner, now);
-        Ok(true)
+            .expect("chat map")
+            .values()
+            .cloned()
+            .collect();
+        let now = self.inner.clock.now();
+        let mut found = Vec::new();
+        for slot in slots {
+            // SKIP LOCKED: a row another transaction holds is skipped, never
+            // waited for. While the try-lock is held, the data is committed.
+            let Ok(_guard) = slot.lock.try_write() else {
+                continue;
+            };
+            let d = slot.data.lock().expect("chat data");
+            let state = d.row.classify(!d.queue.is_empty());
+            if state.is_runnable() && !d.lease_fresh(now, options) {
+                found.push((d.updated_at, d.row.id));
+            }
+        }
+        found.sort_unstable_by_key(|(at, id)| (*at, id.0));
+        Ok(found.into_iter().take(limit).map(|(_, id)| id).collect())
     }
 }
 
@@ -716,6 +777,19 @@ impl StoreTx for MemTx {
             assigned.messages.push(msg.id);
             d.push(msg);
         }
+        if plan.prune_heartbeats {
+            let pruned: Vec<(RunnerId, Timestamp)> = d
+                .heartbeats
+                .iter()
+                .filter(|(r, _)| Some(**r) != plan.heartbeat)
+                .map(|(r, t)| (*r, *t))
+                .collect();
+            for (runner, at) in pruned {
+                d.heartbeats.remove(&runner);
+                self.undo
+                    .push(Undo::Heartbeat(slot.clone(), runner, Some(at)));
+            }
+        }
         if let Some(runner) = plan.heartbeat {
             let old = d.heartbeats.insert(runner, now);
             self.undo.push(Undo::Heartbeat(slot.clone(), runner, old));
@@ -723,6 +797,8 @@ impl StoreTx for MemTx {
         if plan.row_changed {
             let old = std::mem::replace(&mut d.row, plan.row.clone());
             self.undo.push(Undo::Row(slot.clone(), Box::new(old)));
+            let old = std::mem::replace(&mut d.updated_at, now);
+            self.undo.push(Undo::UpdatedAt(slot.clone(), old));
         }
         Ok(assigned)
     }
@@ -812,6 +888,12 @@ impl StoreTx for MemTx {
         self.inner.call("commit")?;
         self.open = false;
         self.undo.clear();
+        for (_, slot, guard) in &self.locks {
+            if guard.exclusive() {
+                let mut d = slot.data.lock().expect("chat data");
+                d.committed_owner = d.row.owner;
+            }
+        }
         // Deliver before the row locks are released, so notifications of
         // one chat leave in commit order.
         self.inner.deliver(notify);

@@ -26,8 +26,8 @@ use std::time::{Duration, Instant};
 
 use chatstate::{
     BusyBehavior, ChatId, ChatMachine, ChatMetadata, ChatRecord, CreateChat, CreateOutcome,
-    LockMode, MetadataPatch, NewMessage, Notify, Options, Publisher, RunnerId, Store, StoreError,
-    StoreTx, WorkerId, create_chat,
+    LeaseStatus, LockMode, MetadataPatch, NewMessage, Notify, Options, Publisher, RunnerId, Store,
+    StoreError, StoreTx, WorkerId, create_chat,
 };
 use chatstate_model::{Assigned, ChatRow, EditContext, MessageId, Notification, Plan, Snapshot};
 use chatstate_store_pg::PgStore;
@@ -103,8 +103,12 @@ impl Store for Timed {
             .await
     }
 
-    async fn heartbeat(&self, chat: ChatId, runner: RunnerId) -> Result<bool, StoreError> {
+    async fn heartbeat(&self, chat: ChatId, runner: RunnerId) -> Result<LeaseStatus, StoreError> {
         self.inner.heartbeat(chat, runner).await
+    }
+
+    async fn claimable(&self, options: &Options, limit: usize) -> Result<Vec<ChatId>, StoreError> {
+        self.inner.claimable(options, limit).await
     }
 }
 

@@ -89,11 +89,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chatstate::{
-    ChatMetadata, CreateOutcome, LockMode, Store, StoreError, StoreErrorKind, TestControl,
+    ChatMetadata, CreateOutcome, LeaseStatus, LockMode, Store, StoreError, StoreErrorKind,
+    TestControl,
 };
 use chatstate_model::{
     ChatId, ChatRow, ChatStatus, ExecutionState, MessageId, NewMessage, Notification, Options,
-    RunnerId, Snapshot, ToolState,
+    Owner, RunnerId, Snapshot, ToolState, WorkerId,
 };
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::PgPoolOptions;
@@ -270,6 +271,19 @@ impl PgStore {
         self.round_trips.get()
     }
 
+    /// How many heartbeat rows the database holds, over every chat (a test
+    /// aid to check that they stay bounded by the chats owned).
+    pub async fn heartbeat_rows(&self) -> Result<usize, StoreError> {
+        const CONTEXT: &str = "count heartbeat rows";
+        self.round_trips.tick();
+        let row = sqlx::query(sql::HEARTBEAT_ROWS)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| store_error(CONTEXT, e))?;
+        let n: i64 = get(&row, CONTEXT, "count")?;
+        Ok(usize::try_from(n).unwrap_or(0))
+    }
+
     /// How many backends of this database wait for a lock right now (a
     /// test aid to observe that a transaction blocks).
     pub async fn lock_waiters(&self) -> Result<usize, StoreError> {
@@ -434,25 +448,59 @@ impl Store for PgStore {
         }))
     }
 
-    async fn heartbeat(&self, chat: ChatId, runner: RunnerId) -> Result<bool, StoreError> {
+    async fn heartbeat(&self, chat: ChatId, runner: RunnerId) -> Result<LeaseStatus, StoreError> {
         const CONTEXT: &str = "upsert heartbeat";
         let mut conn = self.connection().await?;
         self.round_trips.tick();
-        match sqlx::query(sql::HEARTBEAT)
+        let row = match sqlx::query(sql::HEARTBEAT)
             .bind(chat.0)
             .bind(runner.0)
-            .execute(&mut *conn)
+            .fetch_one(&mut *conn)
             .await
         {
-            Ok(done) => {
-                self.keep(conn);
-                Ok(done.rows_affected() == 1)
-            }
-            // The chat was deleted between the existence check and the
-            // foreign-key check: it does not exist.
-            Err(e) if is_foreign_key_violation(&e) => Ok(false),
-            Err(e) => Err(resolve::implicit(store_error(CONTEXT, e))),
+            Ok(row) => row,
+            // The chat was deleted between the read and the foreign-key
+            // check: it does not exist.
+            Err(e) if is_foreign_key_violation(&e) => return Ok(LeaseStatus::ChatGone),
+            Err(e) => return Err(resolve::implicit(store_error(CONTEXT, e))),
+        };
+        self.keep(conn);
+        if !get::<bool>(&row, CONTEXT, "found")? {
+            return Ok(LeaseStatus::ChatGone);
         }
+        if get::<i64>(&row, CONTEXT, "written")? == 1 {
+            return Ok(LeaseStatus::Held);
+        }
+        let worker: Option<uuid::Uuid> = get(&row, CONTEXT, "worker_id")?;
+        let runner: Option<uuid::Uuid> = get(&row, CONTEXT, "runner_id")?;
+        Ok(LeaseStatus::Lost {
+            owner: worker.zip(runner).map(|(w, r)| Owner {
+                worker_id: WorkerId(w),
+                runner_id: RunnerId(r),
+            }),
+        })
+    }
+
+    async fn claimable(&self, options: &Options, limit: usize) -> Result<Vec<ChatId>, StoreError> {
+        const CONTEXT: &str = "find claimable chats";
+        // The model's runnable statuses, not a list re-stated here.
+        let statuses: Vec<String> = ChatStatus::runnable()
+            .iter()
+            .map(|s| s.as_str().to_owned())
+            .collect();
+        let mut conn = self.connection().await?;
+        self.round_trips.tick();
+        let rows = sqlx::query(sql::CLAIMABLE)
+            .bind(statuses)
+            .bind(micros(options.heartbeat_stale))
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(|e| store_error(CONTEXT, e))?;
+        self.keep(conn);
+        rows.iter()
+            .map(|r| get::<uuid::Uuid>(r, CONTEXT, "id").map(ChatId))
+            .collect()
     }
 }
 

@@ -227,6 +227,8 @@ pub(crate) struct Shape {
     pub(crate) promote: bool,
     /// A heartbeat upsert.
     pub(crate) beat: bool,
+    /// A delete of the chat's other heartbeat rows.
+    pub(crate) prune: bool,
     /// A row write.
     pub(crate) row: bool,
     /// Without a row write: the Update's snapshot bump is still to be
@@ -255,6 +257,7 @@ impl Shape {
                 beat: bit(7),
                 row: bit(8),
                 bump: bit(9),
+                prune: bit(10),
             }
         })
     }
@@ -299,6 +302,7 @@ impl Shape {
             usize::from(self.beat) << 7,
             usize::from(self.row) << 8,
             usize::from(self.bump) << 9,
+            usize::from(self.prune) << 10,
         ]
         .iter()
         .sum()
@@ -306,7 +310,7 @@ impl Shape {
 }
 
 /// Index bound of [`Shape`]s.
-const SHAPES: usize = 1 << 10;
+const SHAPES: usize = 1 << 11;
 
 /// The statement that writes a plan of `shape`: one statement whatever
 /// the plan holds, made of the parts the plan needs. Its text depends on
@@ -325,6 +329,9 @@ const SHAPES: usize = 1 << 10;
 /// - `dequeue`: deleted queued rows and the promoted one;
 /// - `enqueue`: the appended queued row (its position comes from the
 ///   global sequence, so it is the tail);
+/// - `prune`: deletes the chat's heartbeat rows but the upserted runner's
+///   (all of them without one: `IS DISTINCT FROM NULL` holds for every
+///   row), so the table stays bounded by the chats owned;
 /// - `beat`: the heartbeat upsert at store time;
 /// - the chat row: every execution-state column of the plan's row (or,
 ///   without a row change, only the snapshot version, which carries a
@@ -481,6 +488,15 @@ fn apply_text(shape: Shape) -> String {
     RETURNING id)",
         "(SELECT id FROM enqueue) AS queued_id",
     );
+    // Nothing reads its output: a data-modifying CTE runs to completion
+    // whether or not the main statement refers to it.
+    part(
+        shape.prune,
+        "prune AS (
+    DELETE FROM chat_heartbeats
+     WHERE chat_id = $1 AND runner_id IS DISTINCT FROM $11::uuid)",
+        "",
+    );
     part(
         shape.beat,
         "beat AS (
@@ -612,13 +628,56 @@ UPDATE chats SET title = coalesce($2, title),
                  metadata = CASE WHEN $4 THEN $5::text::jsonb ELSE metadata END
  WHERE id = $1";
 
-/// Heartbeat upsert at store time, only for an existing chat. `$1` chat,
-/// `$2` runner. The foreign-key check takes FOR KEY SHARE on the chat row,
-/// which does not conflict with an Update's FOR NO KEY UPDATE.
+/// Heartbeat upsert at store time, only while `$2` is the chat's runner,
+/// in one statement that also says what it found: `found` (the chat
+/// exists), `written` (the heartbeat was upserted) and the committed owner.
+/// `$1` chat, `$2` runner.
+///
+/// The chat row is read without a lock (the last committed version, as of
+/// the statement's start), and the foreign-key check takes FOR KEY SHARE
+/// on it, which does not conflict with an Update's FOR NO KEY UPDATE: an
+/// open Update never makes a heartbeat wait. (An open Acquire or Abandon
+/// that deleted this runner's row holds that heartbeat row, so the old
+/// runner's upsert waits for it; only a runner being replaced can wait.)
 pub(crate) const HEARTBEAT: &str = "\
-INSERT INTO chat_heartbeats (chat_id, runner_id, heartbeat_at)
-SELECT c.id, $2, now() FROM chats c WHERE c.id = $1
-ON CONFLICT (chat_id, runner_id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at";
+WITH c AS (
+    SELECT c.id, c.worker_id, c.runner_id FROM chats c WHERE c.id = $1
+), beat AS (
+    INSERT INTO chat_heartbeats (chat_id, runner_id, heartbeat_at)
+    SELECT c.id, $2, now() FROM c WHERE c.runner_id = $2
+    ON CONFLICT (chat_id, runner_id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at
+    RETURNING 1
+)
+SELECT c.id IS NOT NULL AS found, (SELECT count(*) FROM beat) AS written,
+       c.worker_id, c.runner_id
+  FROM (SELECT 1) AS one LEFT JOIN c ON true";
+
+/// The chats that need an owner, oldest first (`updated_at`, then id), at
+/// most `$3`: status in `$1` (the model's runnable statuses), not archived,
+/// no heartbeat of the owner's runner younger than `$2` µs (without an
+/// owner, `h.runner_id = NULL` matches nothing: an anti-join, no `OR`).
+///
+/// The filter on status and `NOT archived` is the predicate of the
+/// acquisition index `chats_acquisition_candidates (status, updated_at, id)
+/// WHERE NOT archived` (migration 0001), which serves it.
+///
+/// `FOR NO KEY UPDATE SKIP LOCKED`: a row another transaction holds (an
+/// Update or Lock, FOR NO KEY UPDATE; a ReadLock, FOR SHARE) is skipped
+/// instead of waited for, and does not count towards the limit (the lock
+/// step runs below the limit). The statement runs on its own, so the row
+/// locks it takes end with it; FOR NO KEY UPDATE is the weakest lock SKIP
+/// LOCKED can test an Update's lock with, and it lets heartbeats (FOR KEY
+/// SHARE) through.
+pub(crate) const CLAIMABLE: &str = "\
+SELECT c.id FROM chats c
+ WHERE c.status = ANY($1::text[]) AND NOT c.archived
+   AND NOT EXISTS (
+        SELECT 1 FROM chat_heartbeats h
+         WHERE h.chat_id = c.id AND h.runner_id = c.runner_id
+           AND h.heartbeat_at > now() - interval '1 microsecond' * $2)
+ ORDER BY c.updated_at, c.id
+ LIMIT $3
+   FOR NO KEY UPDATE OF c SKIP LOCKED";
 
 /// Ages every stored instant by `$1` microseconds (TestControl: store
 /// time cannot move, so the data moves the other way).
@@ -636,6 +695,9 @@ UPDATE chats
 /// Writes status and archived directly (TestControl). `$1` chat, `$2`
 /// status, `$3` archived.
 pub(crate) const SET_RAW_STATE: &str = "UPDATE chats SET status = $2, archived = $3 WHERE id = $1";
+
+/// Heartbeat rows, over every chat.
+pub(crate) const HEARTBEAT_ROWS: &str = "SELECT count(*) FROM chat_heartbeats";
 
 /// Backends of this database waiting for a lock.
 pub(crate) const LOCK_WAITERS: &str = "\
@@ -683,6 +745,69 @@ mod tests {
             assert!(seen.insert(shape.index()), "{i}: {shape:?}");
         }
         assert_eq!(seen.len(), SHAPES * 3 / 4);
+    }
+
+    /// The claimable sweep reads the acquisition index of migration 0001
+    /// (`chats_acquisition_candidates`), not the whole table: 20,000 idle
+    /// chats and 20 runnable ones, analysed, then the server's plan.
+    #[tokio::test]
+    async fn claimable_uses_the_acquisition_index() {
+        use sqlx::Connection;
+        let cluster = crate::throwaway::Cluster::shared().unwrap_or_else(|e| panic!("{e}"));
+        let pool = cluster
+            .new_database()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut conn = pool.acquire().await.unwrap();
+        sqlx::query(
+            "INSERT INTO chats (id, owner_id, status, archived, updated_at)
+             SELECT gen_random_uuid(), gen_random_uuid(),
+                    CASE WHEN i % 1000 = 0 THEN 'running' ELSE 'waiting' END,
+                    i % 3 = 0, now() - i * interval '1 second'
+               FROM generate_series(1, 20020) AS i",
+        )
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+        sqlx::query("ANALYZE chats")
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        let statuses: Vec<String> = chatstate_model::ChatStatus::runnable()
+            .iter()
+            .map(|s| s.as_str().to_owned())
+            .collect();
+        let explain = |analyze: bool| {
+            let options = if analyze {
+                "(ANALYZE, COSTS OFF)"
+            } else {
+                "(COSTS OFF)"
+            };
+            format!("EXPLAIN {options} {CLAIMABLE}")
+        };
+        let plan: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(explain(false)))
+            .bind(&statuses)
+            .bind(30_000_000_i64)
+            .bind(10_i64)
+            .fetch_all(&mut *conn)
+            .await
+            .unwrap();
+        let plan = plan.join("\n");
+        assert!(
+            plan.contains("chats_acquisition_candidates"),
+            "the sweep does not use the acquisition index:\n{plan}"
+        );
+        assert!(!plan.contains("Seq Scan on chats"), "{plan}");
+        let mut tx = conn.begin().await.unwrap();
+        let analysed: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(explain(true)))
+            .bind(&statuses)
+            .bind(30_000_000_i64)
+            .bind(10_i64)
+            .fetch_all(&mut *tx)
+            .await
+            .unwrap();
+        println!("{}", analysed.join("\n"));
+        tx.rollback().await.unwrap();
     }
 
     /// Every shape's statement parses and type-checks on the server, with

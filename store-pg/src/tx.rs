@@ -454,6 +454,7 @@ fn writes_nothing(plan: &Plan) -> bool {
         && plan.messages.is_empty()
         && plan.promote.is_none()
         && plan.heartbeat.is_none()
+        && !plan.prune_heartbeats
 }
 
 impl StoreTx for PgTx {
@@ -480,6 +481,7 @@ impl StoreTx for PgTx {
             },
             promote: plan.promote.is_some(),
             beat: plan.heartbeat.is_some(),
+            prune: plan.prune_heartbeats,
             row: plan.row_changed,
             // A row write sets the version anyway; without one, a pending
             // bump rides along with this statement instead of the commit.

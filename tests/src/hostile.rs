@@ -640,9 +640,11 @@ pub fn cases() -> Vec<Case> {
 
 fn kind(expect: &Expect) -> &'static str {
     match expect {
-        Expect::Created { .. } | Expect::Committed { .. } | Expect::Locked(_) | Expect::Done => {
-            "ok"
-        }
+        Expect::Created { .. }
+        | Expect::Committed { .. }
+        | Expect::Locked(_)
+        | Expect::Heartbeat(_)
+        | Expect::Done => "ok",
         Expect::CreateRejected(r) | Expect::Rejected { rejection: r, .. } => r.kind.name(),
         Expect::ChatNotFound => "ChatNotFound",
     }

@@ -41,6 +41,9 @@ pub trait Backend: Send + Sync + 'static {
     /// How many transactions are waiting for a row lock right now.
     fn lock_waiters(&self, store: &Self::S) -> impl Future<Output = usize> + Send;
 
+    /// How many heartbeat rows the store holds, over every chat.
+    fn heartbeat_rows(&self, store: &Self::S) -> impl Future<Output = usize> + Send;
+
     /// Starts listening to the `chat:update` notifications the store
     /// delivers with its commits ([`chatstate::Notify::InTransaction`]) for
     /// one chat.
@@ -109,6 +112,10 @@ impl Backend for MemBackend {
         store.lock_waiters()
     }
 
+    async fn heartbeat_rows(&self, store: &MemStore) -> usize {
+        store.heartbeat_rows()
+    }
+
     async fn listen(&self, store: &MemStore, chat: ChatId) -> Feed {
         Feed::Mem(store.subscribe(), chat)
     }
@@ -139,6 +146,10 @@ impl Backend for PgBackend {
 
     async fn lock_waiters(&self, store: &chatstate_store_pg::PgStore) -> usize {
         store.lock_waiters().await.expect("count lock waiters")
+    }
+
+    async fn heartbeat_rows(&self, store: &chatstate_store_pg::PgStore) -> usize {
+        store.heartbeat_rows().await.expect("count heartbeat rows")
     }
 
     async fn listen(&self, store: &chatstate_store_pg::PgStore, chat: ChatId) -> Feed {

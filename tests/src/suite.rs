@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use chatstate::{
-    BusyBehavior, ChatMachine, CreateChat, Error, MetadataPatch, Notify, Store, TestControl,
-    create_chat,
+    BusyBehavior, ChatMachine, Claim, CreateChat, Ending, Error, LeaseStatus, MetadataPatch,
+    Notify, Store, TestControl, create_chat,
 };
 use chatstate_model::{
     ChatId, ExecutionState, Input, JsonText, Matrix, MessageId, NewMessage, Notification, Owner,
@@ -56,6 +56,12 @@ macro_rules! store_suite {
             in_transaction_notifications_arrive_after_commit_only,
             compaction_marker_is_one_shot,
             reconcile_repairs_invalid_rows,
+            claims_win_hold_skip_and_take_over,
+            update_or_skip_rolls_back_a_skip,
+            heartbeat_reports_the_lease,
+            heartbeat_rows_stay_bounded,
+            history_expectation_refuses_stale_steps,
+            claimable_lists_chats_that_need_a_worker,
         );
     };
     (@tests $backend:expr; $($name:ident),* $(,)?) => {
@@ -590,7 +596,7 @@ pub async fn hints_on_missing_or_stale_lease_only<B: Backend>(b: &B) {
     m.update(async |_| Ok(())).await.unwrap();
     assert_eq!(hints(&fx), 1, "stale lease");
     fx.publisher.clear();
-    m.heartbeat(r).await.unwrap();
+    assert_eq!(m.heartbeat(r).await.unwrap(), LeaseStatus::Held);
     m.update(async |_| Ok(())).await.unwrap();
     assert_eq!(hints(&fx), 0, "heartbeat refreshed the lease");
     m.update(async |tx| tx.abandon().await).await.unwrap();
@@ -601,15 +607,19 @@ pub async fn hints_on_missing_or_stale_lease_only<B: Backend>(b: &B) {
     assert_eq!(hints(&fx), 0);
     // Heartbeats never bump and never publish.
     let before = m.load().await.unwrap().row.versions.snapshot;
-    m.heartbeat(RunnerId::new_random()).await.unwrap();
+    assert_eq!(
+        m.heartbeat(RunnerId::new_random()).await.unwrap(),
+        LeaseStatus::Lost { owner: None }
+    );
     assert_eq!(m.load().await.unwrap().row.versions.snapshot, before);
     assert!(fx.published_for(m.chat_id()).len() == 1);
-    assert!(matches!(
+    assert_eq!(
         fx.machine(ChatId::new_random())
             .heartbeat(RunnerId::new_random())
-            .await,
-        Err(Error::ChatNotFound(_))
-    ));
+            .await
+            .unwrap(),
+        LeaseStatus::ChatGone
+    );
 }
 
 /// Version and revision numbers: history, queue and retry versions take the
@@ -1297,4 +1307,421 @@ pub async fn reconcile_repairs_invalid_rows<B: Backend>(b: &B) {
         );
     }
     let _ = SetupStep::Acquire;
+}
+
+/// The state of a claim's chat: the whole record and the notifications
+/// published for it so far.
+async fn claim_trace<B: Backend>(fx: &Fx<B::S>, m: &ChatMachine<B::S>) -> (usize, i64) {
+    let rec = m.load().await.unwrap();
+    (
+        fx.published_for(m.chat_id()).len(),
+        rec.row.versions.snapshot,
+    )
+}
+
+/// `try_acquire`: won when nobody keeps the lease alive, held by a fresh
+/// lease, not runnable when idle or archived, a stale lease taken over; a
+/// losing claim bumps nothing, writes nothing and publishes nothing.
+pub async fn claims_win_hold_skip_and_take_over<B: Backend>(b: &B) {
+    let fx = fixture(b).await;
+    let m = fx.create().await;
+    let (w1, r1) = (WorkerId::new_random(), RunnerId::new_random());
+    let (w2, r2) = (WorkerId::new_random(), RunnerId::new_random());
+    let me = |w, r| Owner {
+        worker_id: w,
+        runner_id: r,
+    };
+    fx.publisher.clear();
+    let before = m.load().await.unwrap();
+    // Won: committed once, the lease fresh, one update and no hint.
+    let Claim::Won { snapshot } = m.try_acquire(w1, r1).await.unwrap() else {
+        panic!("an unowned R0 chat is claimable");
+    };
+    assert_eq!(snapshot.row.owner, Some(me(w1, r1)));
+    assert!(snapshot.lease_fresh);
+    assert_eq!(
+        snapshot.row.versions.snapshot,
+        before.row.versions.snapshot + 1
+    );
+    let after = m.load().await.unwrap();
+    assert_eq!(after.row, snapshot.row);
+    let published = fx.published_for(m.chat_id());
+    assert_eq!(published.len(), 1, "one update, no hint: {published:?}");
+    assert!(matches!(published[0], Notification::Update { .. }));
+    // Held by a fresh lease (anyone's, the claimant's own included).
+    for (w, r) in [(w2, r2), (w1, r1)] {
+        let trace = claim_trace::<B>(&fx, &m).await;
+        assert_eq!(
+            m.try_acquire(w, r).await.unwrap(),
+            Claim::Held { owner: me(w1, r1) }
+        );
+        assert_eq!(
+            claim_trace::<B>(&fx, &m).await,
+            trace,
+            "a lost claim left a trace"
+        );
+        assert_eq!(m.load().await.unwrap(), after);
+    }
+    // A stale lease is taken over.
+    fx.store
+        .advance_clock(Duration::from_secs(31))
+        .await
+        .unwrap();
+    let Claim::Won { snapshot } = m.try_acquire(w2, r2).await.unwrap() else {
+        panic!("a stale lease is claimable");
+    };
+    assert_eq!(snapshot.row.owner, Some(me(w2, r2)));
+    assert_eq!(
+        snapshot.row.versions.snapshot,
+        after.row.versions.snapshot + 1
+    );
+    // Not runnable: idle, then archived.
+    m.update(async |tx| tx.fenced(r2).finish_turn().await)
+        .await
+        .unwrap();
+    let trace = claim_trace::<B>(&fx, &m).await;
+    assert_eq!(
+        m.try_acquire(w1, r1).await.unwrap(),
+        Claim::NotRunnable {
+            state: ExecutionState::W
+        }
+    );
+    assert_eq!(claim_trace::<B>(&fx, &m).await, trace);
+    m.update(async |tx| tx.set_archived(true).await)
+        .await
+        .unwrap();
+    let trace = claim_trace::<B>(&fx, &m).await;
+    assert_eq!(
+        m.try_acquire(w1, r1).await.unwrap(),
+        Claim::NotRunnable {
+            state: ExecutionState::XW
+        }
+    );
+    assert_eq!(claim_trace::<B>(&fx, &m).await, trace);
+    // A missing chat.
+    assert!(matches!(
+        fx.machine(ChatId::new_random()).try_acquire(w1, r1).await,
+        Err(Error::ChatNotFound(_))
+    ));
+}
+
+/// `update_or_skip`: Skip rolls back everything, the bump included, and
+/// publishes nothing; Commit is `update`.
+pub async fn update_or_skip_rolls_back_a_skip<B: Backend>(b: &B) {
+    let fx = fixture(b).await;
+    let m = fx.create().await;
+    fx.publisher.clear();
+    let before = m.load().await.unwrap();
+    let got = m
+        .update_or_skip(async |tx| {
+            tx.send_message(NewMessage::user("never"), BusyBehavior::Queue)
+                .await?;
+            tx.set_title("never").await?;
+            Ok(Ending::Skip(tx.row().versions.snapshot))
+        })
+        .await
+        .unwrap();
+    assert_eq!(got, Ending::Skip(before.row.versions.snapshot + 1));
+    assert_eq!(m.load().await.unwrap(), before);
+    assert!(fx.publisher.published().is_empty());
+    let got = m
+        .update_or_skip(async |tx| {
+            tx.set_title("kept").await?;
+            Ok(Ending::Commit(7))
+        })
+        .await
+        .unwrap();
+    assert_eq!(got, Ending::Commit(7));
+    let after = m.load().await.unwrap();
+    assert_eq!(after.metadata.title, "kept");
+    assert_eq!(
+        after.row.versions.snapshot,
+        before.row.versions.snapshot + 1
+    );
+    assert_eq!(fx.published_for(m.chat_id()).len(), 2, "update and hint");
+    // An error is an error, and rolls back too.
+    let err = m
+        .update_or_skip(async |tx| {
+            tx.set_title("gone").await?;
+            tx.finish_interruption(vec![]).await?;
+            Ok(Ending::Commit(()))
+        })
+        .await
+        .unwrap_err();
+    assert!(err.rejection().is_some(), "{err}");
+    assert_eq!(m.load().await.unwrap(), after);
+}
+
+/// A heartbeat is written only while its runner holds the lease, and says
+/// so: Held, Lost (to another runner or to nobody), ChatGone.
+pub async fn heartbeat_reports_the_lease<B: Backend>(b: &B) {
+    let fx = fixture(b).await;
+    let m = fx.create().await;
+    let (w1, r1) = (WorkerId::new_random(), RunnerId::new_random());
+    let (w2, r2) = (WorkerId::new_random(), RunnerId::new_random());
+    assert_eq!(
+        m.heartbeat(r1).await.unwrap(),
+        LeaseStatus::Lost { owner: None }
+    );
+    m.update(async |tx| tx.acquire(w1, r1).await).await.unwrap();
+    assert_eq!(m.heartbeat(r1).await.unwrap(), LeaseStatus::Held);
+    // An unconditional takeover: the old runner learns it from its heartbeat.
+    m.update(async |tx| tx.acquire(w2, r2).await).await.unwrap();
+    let taken = LeaseStatus::Lost {
+        owner: Some(Owner {
+            worker_id: w2,
+            runner_id: r2,
+        }),
+    };
+    assert_eq!(m.heartbeat(r1).await.unwrap(), taken);
+    // The old runner's heartbeat wrote nothing: once the new one goes
+    // stale, the old one's keeps nothing alive.
+    fx.store
+        .advance_clock(Duration::from_secs(31))
+        .await
+        .unwrap();
+    assert_eq!(m.heartbeat(r1).await.unwrap(), taken);
+    assert!(
+        !m.update(async |tx| Ok(tx.snapshot().lease_fresh))
+            .await
+            .unwrap()
+    );
+    assert_eq!(m.heartbeat(r2).await.unwrap(), LeaseStatus::Held);
+    assert!(
+        m.update(async |tx| Ok(tx.snapshot().lease_fresh))
+            .await
+            .unwrap()
+    );
+    m.update(async |tx| tx.abandon().await).await.unwrap();
+    assert_eq!(
+        m.heartbeat(r2).await.unwrap(),
+        LeaseStatus::Lost { owner: None }
+    );
+    assert_eq!(
+        fx.machine(ChatId::new_random())
+            .heartbeat(r2)
+            .await
+            .unwrap(),
+        LeaseStatus::ChatGone
+    );
+}
+
+/// Acquire deletes the chat's heartbeat rows but the new runner's; Abandon
+/// deletes them all: the rows stay bounded by the chats owned.
+pub async fn heartbeat_rows_stay_bounded<B: Backend>(b: &B) {
+    let fx = fixture(b).await;
+    let chats = [fx.create().await, fx.create().await, fx.create().await];
+    let mut runners: Vec<Option<RunnerId>> = vec![None; chats.len()];
+    for _round in 0..5 {
+        for (i, m) in chats.iter().enumerate() {
+            let (w, r) = (WorkerId::new_random(), RunnerId::new_random());
+            assert!(matches!(
+                m.try_acquire(w, r).await.unwrap(),
+                Claim::Won { .. }
+            ));
+            // The runner taken over heartbeats in vain.
+            if let Some(prev) = runners[i] {
+                assert!(matches!(
+                    m.heartbeat(prev).await.unwrap(),
+                    LeaseStatus::Lost { .. }
+                ));
+            }
+            assert_eq!(m.heartbeat(r).await.unwrap(), LeaseStatus::Held);
+            runners[i] = Some(r);
+            let owned = runners.iter().flatten().count();
+            assert_eq!(b.heartbeat_rows(&fx.store).await, owned);
+        }
+        // Every lease goes stale: the next round takes each chat over.
+        fx.store
+            .advance_clock(Duration::from_secs(31))
+            .await
+            .unwrap();
+    }
+    // A takeover in an Update that rolls back keeps the old row.
+    let (w, r) = (WorkerId::new_random(), RunnerId::new_random());
+    let ended = chats[0]
+        .update_or_skip(async |tx| {
+            tx.acquire(w, r).await?;
+            Ok(Ending::Skip(()))
+        })
+        .await
+        .unwrap();
+    assert_eq!(ended, Ending::Skip(()));
+    assert_eq!(b.heartbeat_rows(&fx.store).await, chats.len());
+    let kept = runners[0].unwrap();
+    assert_eq!(chats[0].heartbeat(kept).await.unwrap(), LeaseStatus::Held);
+    for m in &chats {
+        m.update(async |tx| tx.abandon().await).await.unwrap();
+    }
+    assert_eq!(b.heartbeat_rows(&fx.store).await, 0);
+}
+
+/// `Fenced::expect_history`: a step generated from an old history is
+/// refused with HistoryChanged (after the runner check), writes nothing,
+/// and leaves the Update usable; the handle's own steps move the
+/// expectation along.
+pub async fn history_expectation_refuses_stale_steps<B: Backend>(b: &B) {
+    let fx = fixture(b).await;
+    let m = fx.create().await;
+    let (w, r) = (fx.worker, fx.runner);
+    let Claim::Won { snapshot } = m.try_acquire(w, r).await.unwrap() else {
+        panic!("claimable");
+    };
+    let generated_from = snapshot.row.versions.history;
+    // The user edits the first message: the owner stays, the history moves.
+    let first = m.load().await.unwrap().history[0].id;
+    m.update(async |tx| {
+        tx.edit_message(first, vec![Part::text("edited")], None)
+            .await
+    })
+    .await
+    .unwrap();
+    let edited = m.load().await.unwrap();
+    assert_eq!(edited.row.owner.map(|o| o.runner_id), Some(r));
+    assert_ne!(edited.row.versions.history, generated_from);
+    fx.publisher.clear();
+    let err = m
+        .update(async |tx| {
+            tx.fenced(r)
+                .expect_history(generated_from)
+                .commit_step(vec![NewMessage::assistant("stale reply")], false)
+                .await
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.rejection().unwrap().kind,
+        RejectionKind::HistoryChanged {
+            expected: generated_from,
+            actual: edited.row.versions.history
+        }
+    );
+    assert_eq!(m.load().await.unwrap(), edited);
+    assert!(fx.publisher.published().is_empty());
+    // The runner check comes first.
+    let other = RunnerId::new_random();
+    let err = m
+        .update(async |tx| {
+            tx.fenced(other)
+                .expect_history(generated_from)
+                .finish_turn()
+                .await
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(
+        err.rejection().unwrap().kind,
+        RejectionKind::LeaseLost { .. }
+    ));
+    // A rejection leaves the Update usable: regenerate from the history now
+    // and commit a step, then finish through the same handle.
+    let current = edited.row.versions.history;
+    let (stale, to) = m
+        .update(async |tx| {
+            let stale = tx
+                .fenced(r)
+                .expect_history(generated_from)
+                .finish_turn()
+                .await
+                .unwrap_err();
+            let mut f = tx.fenced(r).expect_history(current);
+            f.commit_step(vec![NewMessage::assistant("fresh reply")], false)
+                .await?;
+            let done = f.finish_turn().await?;
+            Ok((stale, done.to))
+        })
+        .await
+        .unwrap();
+    assert_eq!(stale.rejection().unwrap().kind.name(), "HistoryChanged");
+    assert_eq!(to, ExecutionState::W);
+    let after = m.load().await.unwrap();
+    assert_eq!(
+        after.active_history().last().unwrap().content,
+        vec![Part::text("fresh reply")]
+    );
+}
+
+/// `Store::claimable`: runnable, unarchived chats whose lease is missing or
+/// stale, oldest first, at most `limit`; a chat whose row another
+/// transaction holds is skipped, not waited for.
+pub async fn claimable_lists_chats_that_need_a_worker<B: Backend>(b: &B) {
+    let fx = fixture(b).await;
+    let tick = async || {
+        fx.store
+            .advance_clock(Duration::from_secs(1))
+            .await
+            .unwrap()
+    };
+    let (w, r) = (fx.worker, fx.runner);
+    // Oldest: an unowned R0 chat.
+    let unowned = fx.create().await;
+    tick().await;
+    // An owned chat in requires-action whose lease goes stale.
+    let stale = fx.create().await;
+    stale
+        .update(async |tx| {
+            tx.acquire(w, r).await?;
+            tx.commit_step(vec![assistant_call("call-dyn", DYNAMIC_TOOL)], false)
+                .await?;
+            tx.enter_requires_action().await
+        })
+        .await
+        .unwrap();
+    tick().await;
+    // An owned chat whose lease is kept alive.
+    let (w2, r2) = (WorkerId::new_random(), RunnerId::new_random());
+    let fresh = fx.create().await;
+    fresh
+        .update(async |tx| tx.acquire(w2, r2).await)
+        .await
+        .unwrap();
+    tick().await;
+    // Idle, archived and Invalid chats never need a worker.
+    let idle = fx.create().await;
+    idle.update(async |tx| tx.finish_turn().await)
+        .await
+        .unwrap();
+    let archived = fx.create().await;
+    archived
+        .update(async |tx| {
+            tx.finish_turn().await?;
+            tx.set_archived(true).await
+        })
+        .await
+        .unwrap();
+    let invalid = fx.create().await;
+    fx.store
+        .set_raw_state(invalid.chat_id(), &chatstate::ChatStatus::Running, true)
+        .await
+        .unwrap();
+    tick().await;
+    // Every lease goes stale; the fresh chat's runner heartbeats again.
+    fx.store
+        .advance_clock(Duration::from_secs(31))
+        .await
+        .unwrap();
+    assert_eq!(fresh.heartbeat(r2).await.unwrap(), LeaseStatus::Held);
+    let claimable = async |limit| fx.store.claimable(&fx.options, limit).await.unwrap();
+    assert_eq!(claimable(10).await, [unowned.chat_id(), stale.chat_id()]);
+    assert_eq!(claimable(1).await, [unowned.chat_id()]);
+    assert!(claimable(0).await.is_empty());
+    // Skipped, not waited for, while an Update holds the row; a locked row
+    // does not count towards the limit.
+    let seen = unowned
+        .update_or_skip(async |_tx| Ok(Ending::Skip(claimable(1).await)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(seen, [stale.chat_id()]);
+    // Claimed chats leave the list.
+    assert!(matches!(
+        unowned.try_acquire(w2, r2).await.unwrap(),
+        Claim::Won { .. }
+    ));
+    assert_eq!(claimable(10).await, [stale.chat_id()]);
+    assert!(matches!(
+        stale.try_acquire(w, r).await.unwrap(),
+        Claim::Won { .. }
+    ));
+    assert!(claimable(10).await.is_empty());
 }

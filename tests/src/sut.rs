@@ -21,8 +21,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chatstate::{
-    ChatMachine, ChatRecord, CreateChat, Created, Error, Notify, Published, RecordingPublisher,
-    Store, StoreError, TestControl, create_chat,
+    ChatMachine, ChatRecord, CreateChat, Created, Error, LeaseStatus, Notify, Published,
+    RecordingPublisher, Store, StoreError, TestControl, create_chat,
 };
 use chatstate_model::{
     Call, Chat, ChatId, ChatRow, Input, MessageId, Notification, Options, Outcome, QueuedMessageId,
@@ -107,7 +107,7 @@ pub enum Ran {
     /// Lock or ReadLock: the snapshot seen.
     Locked(Result<Snapshot, Error>),
     /// A heartbeat.
-    Heartbeat(Result<(), Error>),
+    Heartbeat(Result<LeaseStatus, Error>),
     /// A clock move.
     Advanced(Result<(), StoreError>),
     /// A raw write (`None`: skipped, the chat does not exist).
@@ -367,9 +367,8 @@ impl<S: Store + TestControl> Sut<S> {
                 (got, want) => Err(mismatch(&got.map(|s| s.state()), want)),
             },
             Ran::Heartbeat(got) => match (got, expect) {
-                (Ok(()), Expect::Done) | (Err(Error::ChatNotFound(_)), Expect::ChatNotFound) => {
-                    Ok(())
-                }
+                (Ok(got), Expect::Heartbeat(want)) if got == *want => Ok(()),
+                (Ok(LeaseStatus::ChatGone), Expect::ChatNotFound) => Ok(()),
                 (got, want) => Err(mismatch(&got, want)),
             },
             Ran::Advanced(got) => got.map_err(|e| format!("advance clock: {e}")),
@@ -739,6 +738,7 @@ fn mismatch<T: std::fmt::Debug>(got: &Result<T, Error>, want: &Expect) -> String
         } => format!("call {index} rejected: {rejection} ({:?})", rejection.kind),
         Expect::ChatNotFound => "ChatNotFound".to_owned(),
         Expect::Locked(s) => format!("locked in {}", s.state()),
+        Expect::Heartbeat(status) => format!("heartbeat {status:?}"),
         Expect::Done => "done".to_owned(),
     };
     match got {

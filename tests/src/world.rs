@@ -14,7 +14,7 @@ use std::collections::BTreeSet;
 use std::fmt;
 use std::time::Duration;
 
-use chatstate::ChatRecord;
+use chatstate::{ChatRecord, LeaseStatus};
 use chatstate_model::{
     BusyBehavior, Call, Chat, ChatId, ChatStatus, Input, JsonText, MessageId, NewChat, NewMessage,
     Notification, Options, Outcome, Owner, Part, QueuedMessageId, Rejection, Role, RunnerId,
@@ -1081,7 +1081,9 @@ pub enum Expect {
     ChatNotFound,
     /// Lock or ReadLock saw this snapshot.
     Locked(Box<Snapshot>),
-    /// Done, nothing to report (heartbeat, clock, raw write).
+    /// A heartbeat found this lease status.
+    Heartbeat(LeaseStatus),
+    /// Done, nothing to report (clock, raw write).
     Done,
 }
 
@@ -1222,10 +1224,14 @@ impl World {
                 let now = self.now;
                 match next.chats[self.index(*slot)].as_mut() {
                     None => Expect::ChatNotFound,
-                    Some(chat) => {
-                        chat.heartbeats.insert(runner(*r), now);
-                        Expect::Done
-                    }
+                    // Written only while the runner holds the lease.
+                    Some(chat) => match chat.row.owner {
+                        Some(owner) if owner.runner_id == runner(*r) => {
+                            chat.heartbeats.insert(runner(*r), now);
+                            Expect::Heartbeat(LeaseStatus::Held)
+                        }
+                        owner => Expect::Heartbeat(LeaseStatus::Lost { owner }),
+                    },
                 }
             }
             Op::Advance { secs } => {

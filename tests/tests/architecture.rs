@@ -74,6 +74,37 @@ fn dependencies_point_one_way() {
     }
 }
 
+#[test]
+fn worker_depends_on_machine_only() {
+    let text = std::fs::read_to_string(root().join("worker/Cargo.toml")).unwrap();
+    let section = text
+        .split("\n[")
+        .find(|s| s.starts_with("dependencies]"))
+        .unwrap_or("");
+    let ours = section
+        .lines()
+        .skip(1)
+        .filter(|l| l.starts_with("chatstate"));
+    let (optional, required): (Vec<&str>, Vec<&str>) =
+        ours.partition(|l| l.contains("optional = true"));
+    let names = |lines: Vec<&str>| -> Vec<String> {
+        lines
+            .iter()
+            .filter_map(|l| l.split(['=', '.', ' ']).next())
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(names(required), ["chatstate"]);
+    // The Postgres hint source is an adapter behind the `pg` feature.
+    assert_eq!(names(optional), ["chatstate-store-pg"]);
+    for member in ["model", "machine", "store-mem", "store-pg"] {
+        assert!(
+            !deps(member).contains(&"chatstate-worker".to_owned()),
+            "{member} depends on the worker runtime"
+        );
+    }
+}
+
 fn sources(dir: &Path) -> Vec<(PathBuf, String)> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir).unwrap() {

@@ -825,6 +825,7 @@ impl ConcurrencyModel {
             options: &self.options,
             matrix: Matrix::REFERENCE,
             fence,
+            history: None,
             edit: None,
         };
         let plan = match decide(&snap, &input, &env) {

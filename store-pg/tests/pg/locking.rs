@@ -4,8 +4,8 @@
 
 use std::time::{Duration, Instant};
 
-use chatstate::{BusyBehavior, ChatMachine, Error};
-use chatstate_model::{NewMessage, RunnerId};
+use chatstate::{BusyBehavior, ChatMachine, Error, LeaseStatus};
+use chatstate_model::{NewMessage, RunnerId, WorkerId};
 use chatstate_store_pg::PgStore;
 use tokio::sync::{mpsc, oneshot};
 
@@ -48,6 +48,12 @@ fn spawn_update(
 async fn heartbeat_does_not_wait_for_an_open_update() {
     let fx = fx().await;
     let chat = fx.create().await;
+    // Only the chat's runner's heartbeat is written: take the chat first.
+    let (worker, runner) = (WorkerId::new_random(), RunnerId::new_random());
+    fx.machine(chat.id)
+        .update(async |tx| tx.acquire(worker, runner).await)
+        .await
+        .unwrap();
     let (entered_tx, entered) = oneshot::channel();
     let (go, go_rx) = oneshot::channel::<()>();
     let m = fx.machine(chat.id);
@@ -64,11 +70,10 @@ async fn heartbeat_does_not_wait_for_an_open_update() {
     entered.await.unwrap();
     // The upsert's foreign-key check takes FOR KEY SHARE on the chat row,
     // which does not conflict with the open Update's lock.
-    let runner = RunnerId::new_random();
     let beat = tokio::time::timeout(GUARD, fx.machine(chat.id).heartbeat(runner))
         .await
         .expect("the heartbeat waited for the open Update");
-    beat.unwrap();
+    assert_eq!(beat.unwrap(), LeaseStatus::Held);
     go.send(()).unwrap();
     task.await.unwrap().unwrap();
     let n: i64 = sqlx::query_scalar(
@@ -80,12 +85,12 @@ async fn heartbeat_does_not_wait_for_an_open_update() {
     .await
     .unwrap();
     assert_eq!(n, 1);
-    // And a heartbeat for a missing chat is "not found", not an FK error.
+    // And a heartbeat for a missing chat is "gone", not an FK error.
     let missing = fx.machine(chatstate_model::ChatId::new_random());
-    assert!(matches!(
-        missing.heartbeat(runner).await,
-        Err(Error::ChatNotFound(_))
-    ));
+    assert_eq!(
+        missing.heartbeat(runner).await.unwrap(),
+        LeaseStatus::ChatGone
+    );
 }
 
 #[tokio::test]

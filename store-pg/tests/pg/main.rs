@@ -4,6 +4,7 @@
 //! both remedies.
 
 mod caches;
+mod claims;
 mod commit;
 mod common;
 mod failures;

@@ -165,7 +165,10 @@ async fn aged_heartbeats_make_the_lease_stale() {
     assert!(!fresh);
     assert_eq!(hints(), before + 1, "a stale lease gets one hint");
     // A heartbeat makes it fresh again.
-    m.heartbeat(fx.owner.runner_id).await.unwrap();
+    assert_eq!(
+        m.heartbeat(fx.owner.runner_id).await.unwrap(),
+        chatstate::LeaseStatus::Held
+    );
     assert!(
         m.update(async |tx| Ok(tx.snapshot().lease_fresh))
             .await

@@ -1,0 +1,14 @@
+//! The worker runtime, on both stores: claims shared by two runtimes,
+//! recovery after a crash, graceful shutdown, and fencing of a handler
+//! whose lease or history moved on.
+
+#[macro_use]
+mod backend;
+mod handlers;
+
+mod claims;
+mod config;
+mod crash;
+mod fencing;
+mod hints;
+mod shutdown;
