@@ -12,7 +12,8 @@
 //! that already met the condition is not explored again for a path that
 //! did not). The sound way is on the whole graph: `P leads to G` fails
 //! exactly when some reachable `P` state outside `G` can reach, without
-//! entering `G`, a state with no successor or a *fair* cycle avoiding `G`.
+//! entering `G`, a state where no fair step is enabled (a run may stay
+//! there forever) or a *fair* cycle avoiding `G`.
 //! Under weak fairness a strongly connected component `C` of the graph
 //! restricted to `not G` holds a fair cycle iff it holds a cycle at all
 //! and every fairness class either has a step inside `C` or is disabled
@@ -130,10 +131,9 @@ impl Graph {
             for &u in members {
                 comp[u as usize] = c as u32;
             }
-            let end = if members.len() == 1 && self.out(members[0] as usize).is_empty() {
-                Some(members.clone())
-            } else {
-                self.fair_cycle(members)
+            let end = match members.iter().find(|&&u| self.stutters(u as usize)) {
+                Some(&u) => Some(vec![u]),
+                None => self.fair_cycle(members),
             };
             if let Some(set) = end {
                 for &u in &set {
@@ -157,7 +157,7 @@ impl Graph {
         let entry = self.bfs(start, |v| outside[v], |v| bad.contains_key(&(v as u32)))?;
         let end = entry.last().map_or(start, |&(_, _, v)| v);
         let set: HashSet<u32> = bad_sets[bad[&(end as u32)]].iter().copied().collect();
-        let cycle = if self.out(end).is_empty() {
+        let cycle = if self.stutters(end) {
             Vec::new()
         } else {
             // One way round the fair set, from `end` back to `end`.
@@ -183,6 +183,12 @@ impl Graph {
             .collect();
         prefix.extend(entry);
         Some(Lasso { prefix, cycle })
+    }
+
+    /// True if no fair step is enabled in state `i`: a run may stay there
+    /// forever (nothing obliges the client to act, or a worker to crash).
+    fn stutters(&self, i: usize) -> bool {
+        self.out(i).iter().all(|(_, a)| a.fairness().is_none())
     }
 
     /// The states of a fair cycle inside the strongly connected `members`,
@@ -415,6 +421,6 @@ pub(super) struct Lasso {
     /// (from, step, to) from the initial state into the bad end.
     pub(super) prefix: Vec<(usize, Action, usize)>,
     /// (from, step, to) around a fair cycle that avoids the goal; empty
-    /// when the prefix ends in a state with no successor.
+    /// when the prefix ends in a state where no fair step is enabled.
     pub(super) cycle: Vec<(usize, Action, usize)>,
 }

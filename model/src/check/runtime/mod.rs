@@ -74,12 +74,15 @@
 //! observes a violation): [`names::MUTEX`] (a), [`names::QUIET_LOSS`] (c),
 //! [`names::NO_STEAL`], [`names::NO_STALE_REPLY`] (e).
 //!
-//! Liveness, as leads-to under weak fairness over the explored graph (an
-//! SCC pass, see [`graph`]): [`names::RECOVERY`] (b) and
-//! [`names::HANDED_BACK`] (d). Every worker step is weakly fair (a step
-//! that stays enabled is taken: sweeps, hint reads, claims, heartbeats,
-//! handler steps, flushes, the end of a grace period), and so is the
-//! clock; the client, crashes, shutdowns and lost hints are not.
+//! Liveness, as leads-to under fairness over the explored graph (an SCC
+//! pass over the strongly connected components): [`names::RECOVERY`] (b) and [`names::HANDED_BACK`]
+//! (d). Every worker step is weakly fair (a step that stays enabled is
+//! taken: sweeps, hint reads, claims, heartbeats, handler steps, flushes,
+//! the end of a grace period), and so is the clock; the steps that wait for
+//! the row lock are strongly fair (see [`Action::is_strong`]: Postgres
+//! queues lock waiters, so a waiter is not starved by later claims); the
+//! client, crashes, shutdowns and lost hints are not fair at all, so a run
+//! may stop in any state where only they could act.
 //!
 //! `sometimes` properties show the model is not vacuous (claims race,
 //! sweeps skip a locked row, hints get lost, leases are taken over, edits
@@ -310,10 +313,13 @@ fn render_lasso(model: &RuntimeModel, g: &Graph, l: &graph::Lasso) -> Vec<String
     let end = l.prefix.last().map_or(0, |&(_, _, to)| to);
     lines.push(format!("then: {}", g.states[end]));
     if l.cycle.is_empty() {
-        lines.push("and nothing more can happen: the goal is never reached".to_owned());
+        lines.push(
+            "and no worker step, flush or tick is enabled: the run may stay here forever"
+                .to_owned(),
+        );
     } else {
         lines.push(
-            "and these steps repeat forever (a weakly fair cycle that never reaches the goal):"
+            "and the run may cycle here forever, fairly, never reaching the goal; one way round:"
                 .to_owned(),
         );
         for &(from, action, _) in &l.cycle {

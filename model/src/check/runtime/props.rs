@@ -1,5 +1,5 @@
 //! The runtime model's properties: safety (`always`), non-vacuity
-//! (`sometimes`) and liveness (leads-to under weak fairness).
+//! (`sometimes`) and liveness (leads-to under fairness).
 
 use super::graph::Pred;
 use super::model::RuntimeModel;
@@ -18,12 +18,12 @@ pub mod names {
     /// (e) The history expectation.
     pub const NO_STALE_REPLY: &str =
         "no step generated from an old history is committed after the history changed";
-    /// (b) Recovery, as leads-to under weak fairness.
+    /// (b) Recovery, as leads-to under fairness.
     pub const RECOVERY: &str = "a runnable chat with a live worker is eventually owned by a live \
-                                worker holding a fresh lease (weak fairness)";
-    /// (d) Hand-back, as leads-to under weak fairness.
+                                worker holding a fresh lease (fair runs)";
+    /// (d) Hand-back, as leads-to under fairness.
     pub const HANDED_BACK: &str = "a chat handed back at shutdown is eventually re-owned by a live \
-                                   worker, if one lives (weak fairness)";
+                                   worker, if one lives (fair runs)";
     /// Non-vacuity: two claims race.
     pub const CLAIM_RACE: &str = "a worker claims under the lock while another waits to claim";
     /// Non-vacuity: a sweep skips a locked row.
@@ -48,8 +48,8 @@ pub(super) struct StateProperty {
     pub(super) pred: Pred,
 }
 
-/// A leads-to property: every `p` state is followed, on every weakly fair
-/// path, by a `g` state.
+/// A leads-to property: every `p` state is followed, on every fair path,
+/// by a `g` state.
 pub(super) struct LeadsTo {
     pub(super) name: &'static str,
     pub(super) p: Pred,

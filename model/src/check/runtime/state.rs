@@ -346,7 +346,7 @@ pub enum Action {
 }
 
 impl Action {
-    /// The weak-fairness class of the step: a step of a class that stays
+    /// The fairness class of the step: a step of a class that stays
     /// enabled is eventually taken. Clients, crashes, shutdowns and lost
     /// hints are not fair: they may never happen.
     pub fn fairness(self) -> Option<usize> {
