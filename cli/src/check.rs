@@ -28,6 +28,16 @@ impl Args {
 /// One exhaustive model check, run with the given number of threads.
 pub(crate) type ModelCheck = fn(usize) -> CheckReport;
 
+/// The models `chatstate check` runs, in order: the matrix on one chat, the
+/// Update protocol around it, and the worker runtime's protocol on top of
+/// that (two workers, then three).
+pub(crate) const MODELS: &[ModelCheck] = &[
+    chatstate_model::check::single::run,
+    chatstate_model::check::concurrency::run,
+    chatstate_model::check::runtime::run,
+    chatstate_model::check::runtime::run_three_workers,
+];
+
 /// Runs every check in order and prints its report; fails the process if
 /// any property of any model fails.
 pub(crate) fn run(args: &Args, checks: &[ModelCheck]) -> anyhow::Result<ExitCode> {

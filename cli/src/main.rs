@@ -95,13 +95,7 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
 
 fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Check(args) => check::run(
-            &args,
-            &[
-                chatstate_model::check::single::run,
-                chatstate_model::check::concurrency::run,
-            ],
-        ),
+        Command::Check(args) => check::run(&args, check::MODELS),
         Command::Matrix(args) => matrix::run(&args),
         Command::Replay(args) => replay::run(&args),
         Command::Simulate(args) => simulate::run(&args),

@@ -5,13 +5,18 @@
 //! - [`concurrency`]: one chat row shared by clients and workers running
 //!   Updates, Locks, ReadLocks and heartbeats; checks the protocol around
 //!   the matrix (locks, bumps, post-commit publication, leases, fencing).
+//! - [`runtime`]: worker runtimes claiming, heartbeating, handling and
+//!   handing back one chat; checks the protocol built on those primitives
+//!   (mutual exclusion of worker commits, quiet losing claims, the history
+//!   expectation, and recovery under weak fairness).
 //!
-//! Both produce a [`CheckReport`], which `chatstate check` prints and the
+//! All produce a [`CheckReport`], which `chatstate check` prints and the
 //! tests in `model/tests/` assert on.
 
 use std::fmt;
 
 pub mod concurrency;
+pub mod runtime;
 pub mod single;
 
 /// How a property is meant to hold.
