@@ -17,6 +17,7 @@ use crate::store::Store;
 /// What a claim attempt found ([`ChatMachine::try_acquire`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
+#[allow(clippy::large_enum_variant)] // returned once per claim, never stored in bulk
 pub enum Claim {
     /// Acquired: the chat is ours; the snapshot as committed by the claim
     /// (owner = us, lease fresh).

@@ -26,6 +26,9 @@
 //!   [`Fenced::expect_history`].
 //! - [`Store`] is what a backing store implements: the in-memory store is
 //!   `chatstate-store-mem`, the PostgreSQL one `chatstate-store-pg`.
+//! - [`ChatMachine::observed`] attaches a [`CommitObserver`], told exactly
+//!   what every Update that tried to commit applied and how its commit
+//!   ended (the input of a linearizability check, an audit log or metrics).
 //! - [`Notify`] chooses how notifications leave: through a [`Publisher`]
 //!   after commit, or delivered by the store with the commit.
 //! - The rules themselves live in the pure `chatstate-model` crate,
@@ -78,20 +81,22 @@
 mod claim;
 mod error;
 mod machine;
+mod observe;
 mod publish;
 mod retry;
 mod store;
 
 pub use chatstate_model as model;
 pub use chatstate_model::{
-    BusyBehavior, ChatId, ChatRow, ChatStatus, ExecutionState, Input, JsonText, Message, MessageId,
-    NewMessage, Notification, Options, Outcome, Owner, Part, QueuedMessage, QueuedMessageId,
-    Rejection, RejectionKind, Role, RunnerId, Snapshot, Timestamp, ToolResultInput, Transition,
-    Versions, Visibility, WorkerId,
+    BusyBehavior, Call, ChatId, ChatRow, ChatStatus, ExecutionState, Input, JsonText, Message,
+    MessageId, NewMessage, Notification, Options, Outcome, Owner, Part, QueuedMessage,
+    QueuedMessageId, Rejection, RejectionKind, Role, RunnerId, Snapshot, Timestamp,
+    ToolResultInput, Transition, Versions, Visibility, WorkerId,
 };
 pub use claim::{Claim, Ending, LeaseStatus};
 pub use error::{CommitState, Error, FlushError, PublishError, StoreError, StoreErrorKind};
 pub use machine::{ChatMachine, CreateChat, Created, Fenced, Locked, ReadLocked, Tx, create_chat};
+pub use observe::{ChatChange, CommitObserver, CommitReport};
 pub use publish::{
     BroadcastPublisher, HighWaterMark, Notify, PublishBuffer, Published, Publisher,
     RecordingPublisher,

@@ -2,17 +2,19 @@
 //! handle with one method per transition, and chat creation.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use chatstate_model::{
-    BusyBehavior, Chat, ChatId, ChatRow, EditContext, Env, ExecutionState, Input, JsonText, Matrix,
-    MessageId, NewChat, NewMessage, Notification, Options, OptionsError, Outcome, Owner, Part,
-    QueuedMessageId, Rejection, RejectionKind, RunnerId, Snapshot, ToolResultInput, WorkerId,
-    after_create, after_update, decide, reasons,
+    BusyBehavior, Call, Chat, ChatId, ChatRow, EditContext, Env, ExecutionState, Input, JsonText,
+    Matrix, MessageId, NewChat, NewMessage, Notification, Options, OptionsError, Outcome, Owner,
+    Part, QueuedMessageId, Rejection, RejectionKind, RunnerId, Snapshot, Timestamp,
+    ToolResultInput, WorkerId, after_create, after_update, decide, reasons,
 };
 use uuid::Uuid;
 
 use crate::claim::LeaseStatus;
 use crate::error::{Error, StoreError, StoreErrorKind};
+use crate::observe::{ChatChange, CommitObserver, CommitReport, Recording};
 use crate::publish::{Notify, PublishBuffer};
 use crate::store::{
     ChatMetadata, ChatRecord, CreateOutcome, LockMode, MetadataPatch, Store, StoreTx,
@@ -103,6 +105,8 @@ pub struct ChatMachine<S: Store> {
     options: Options,
     /// The verdict of [`Options::validate`], taken once at construction.
     invalid_options: Option<OptionsError>,
+    /// Told about every Update that tried to commit.
+    observer: Option<Arc<dyn CommitObserver>>,
 }
 
 impl<S: Store> ChatMachine<S> {
@@ -118,7 +122,22 @@ impl<S: Store> ChatMachine<S> {
             chat_id,
             options,
             invalid_options: options.validate().err(),
+            observer: None,
         }
+    }
+
+    /// This handle, telling `observer` about every Update that tries to
+    /// commit (see [`CommitObserver`]). Without an observer nothing is
+    /// recorded.
+    #[must_use]
+    pub fn observed(mut self, observer: Arc<dyn CommitObserver>) -> Self {
+        self.observer = Some(observer);
+        self
+    }
+
+    /// The observer, if any.
+    pub fn observer(&self) -> Option<&Arc<dyn CommitObserver>> {
+        self.observer.as_ref()
     }
 
     /// Refuses calls of a handle built with invalid options.
@@ -173,6 +192,8 @@ impl<S: Store> ChatMachine<S> {
         };
         let mut nested = Vec::new();
         let mut poisoned = None;
+        let mut changes = Vec::new();
+        let start = Start::of(&snap);
         let mut tx = Tx {
             stx: &mut stx,
             chat_id: self.chat_id,
@@ -180,6 +201,8 @@ impl<S: Store> ChatMachine<S> {
             options: &self.options,
             nested: &mut nested,
             poisoned: &mut poisoned,
+            recording: self.observer.as_ref().map(|_| Recording::default()),
+            changes: &mut changes,
         };
         let value = match f(&mut tx).await {
             Ok(v) => v,
@@ -191,13 +214,24 @@ impl<S: Store> ChatMachine<S> {
             }
         };
         let snap = tx.snap;
+        let recording = tx.recording;
         if let Some(poison) = poisoned {
             let _ = stx.rollback().await;
             return Err(poison.into_error());
         }
+        let own = after_update(&snap);
         let mut notes = nested;
-        notes.extend(after_update(&snap));
-        publish_with_commit(&self.notify, stx, &notes, snap.row.versions.snapshot).await?;
+        notes.extend(own.iter().cloned());
+        let result =
+            publish_with_commit(&self.notify, stx, &notes, snap.row.versions.snapshot).await;
+        if let (Some(observer), Some(recording)) = (&self.observer, recording) {
+            changes.insert(0, start.change(self.chat_id, recording, snap, own));
+            observer.commit_ended(&CommitReport {
+                changes: &changes,
+                result: result.as_ref().map(|_| ()),
+            });
+        }
+        result?;
         Ok(value)
     }
 
@@ -367,6 +401,47 @@ pub struct Tx<'a, S: Store> {
     options: &'a Options,
     nested: &'a mut Vec<Notification>,
     poisoned: &'a mut Option<Poison>,
+    /// The accepted transitions, when an observer wants them.
+    recording: Option<Recording>,
+    /// What nested Updates did, when an observer wants it.
+    changes: &'a mut Vec<ChatChange>,
+}
+
+/// What an Update's observer report needs from the locked snapshot.
+#[derive(Clone, Copy)]
+struct Start {
+    snapshot_version: i64,
+    now: Timestamp,
+    lease_fresh: bool,
+}
+
+impl Start {
+    fn of(snap: &Snapshot) -> Self {
+        Start {
+            snapshot_version: snap.row.versions.snapshot,
+            now: snap.now,
+            lease_fresh: snap.lease_fresh,
+        }
+    }
+
+    fn change(
+        self,
+        chat_id: ChatId,
+        recording: Recording,
+        end: Snapshot,
+        notifications: Vec<Notification>,
+    ) -> ChatChange {
+        ChatChange {
+            chat_id,
+            snapshot_version: self.snapshot_version,
+            now: self.now,
+            lease_fresh: self.lease_fresh,
+            calls: recording.calls,
+            outcomes: recording.outcomes,
+            end,
+            notifications,
+        }
+    }
 }
 
 impl<S: Store> std::fmt::Debug for Tx<'_, S> {
@@ -449,7 +524,12 @@ impl<'a, S: Store> Tx<'a, S> {
             plan.to
         );
         debug_assert_eq!(self.snap.state(), plan.to);
-        Ok(plan.outcome(&assigned))
+        let outcome = plan.outcome(&assigned);
+        if let Some(recording) = &mut self.recording {
+            recording.calls.push(Call { input, fence });
+            recording.outcomes.push(outcome.clone());
+        }
+        Ok(outcome)
     }
 
     /// SetArchived: archive or unarchive an idle or error chat.
@@ -627,6 +707,7 @@ impl<'a, S: Store> Tx<'a, S> {
                 return Err(e.into());
             }
         };
+        let start = Start::of(&snap);
         let mut inner = Tx {
             stx: &mut *self.stx,
             chat_id: chat,
@@ -634,11 +715,17 @@ impl<'a, S: Store> Tx<'a, S> {
             options: self.options,
             nested: &mut *self.nested,
             poisoned: &mut *self.poisoned,
+            recording: self.recording.as_ref().map(|_| Recording::default()),
+            changes: &mut *self.changes,
         };
         match f(&mut inner).await {
             Ok(v) => {
                 let notes = after_update(&inner.snap);
+                let change = inner.recording.take().map(|recording| {
+                    start.change(chat, recording, inner.snap.clone(), notes.clone())
+                });
                 self.nested.extend(notes);
+                self.changes.extend(change);
                 Ok(v)
             }
             Err(e) => {

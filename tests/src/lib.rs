@@ -13,6 +13,7 @@ pub mod failures;
 pub mod faults;
 pub mod fixture;
 pub mod hostile;
+pub mod observed;
 pub mod paths;
 pub mod regressions;
 pub mod suite;

@@ -22,6 +22,7 @@ use crate::fixture::{
     DYNAMIC_TOOL, Facts, Fx, SERVER_TOOL, Setup, SetupStep, apply_one, assistant_call, candidates,
     setups,
 };
+pub use crate::observed::observer_reports_what_committed;
 
 /// Instantiates every suite test as a `#[tokio::test]` for a backend
 /// expression.
@@ -62,6 +63,7 @@ macro_rules! store_suite {
             heartbeat_rows_stay_bounded,
             history_expectation_refuses_stale_steps,
             claimable_lists_chats_that_need_a_worker,
+            observer_reports_what_committed,
         );
     };
     (@tests $backend:expr; $($name:ident),* $(,)?) => {

@@ -11,7 +11,9 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use chatstate::{ChatId, ChatMachine, Claim, Notify, Options, Owner, RunnerId, Store, WorkerId};
+use chatstate::{
+    ChatId, ChatMachine, Claim, CommitObserver, Notify, Options, Owner, RunnerId, Store, WorkerId,
+};
 use tokio::sync::mpsc;
 use tokio::task::{self, JoinError, JoinSet};
 use tokio::time::{Instant, MissedTickBehavior};
@@ -33,11 +35,16 @@ pub(crate) struct Shared<S: Store, H> {
     pub(crate) timing: Timing,
     pub(crate) stop: CancellationToken,
     pub(crate) counters: Arc<Counters>,
+    pub(crate) observer: Option<Arc<dyn CommitObserver>>,
 }
 
 impl<S: Store, H> Shared<S, H> {
     fn machine(&self, chat: ChatId) -> ChatMachine<S> {
-        ChatMachine::new(self.store.clone(), self.notify.clone(), chat, self.options)
+        let machine = ChatMachine::new(self.store.clone(), self.notify.clone(), chat, self.options);
+        match &self.observer {
+            Some(observer) => machine.observed(observer.clone()),
+            None => machine,
+        }
     }
 }
 

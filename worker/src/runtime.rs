@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chatstate::{Notify, Options, Store, WorkerId};
+use chatstate::{CommitObserver, Notify, Options, Store, WorkerId};
 use tokio::sync::mpsc;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
@@ -98,6 +98,7 @@ pub struct Builder<S: Store, H: Handler<S>> {
     grace: Option<Duration>,
     sources: Vec<StartSource>,
     stop: CancellationToken,
+    observer: Option<Arc<dyn CommitObserver>>,
 }
 
 impl<S: Store, H: Handler<S>> std::fmt::Debug for Builder<S, H> {
@@ -175,6 +176,14 @@ impl<S: Store, H: Handler<S>> Builder<S, H> {
         self
     }
 
+    /// Tells `observer` about every Update the runtime makes (claims,
+    /// handlers' [`Lease::update`](crate::Lease::update)s, hand-backs) that
+    /// tries to commit; see `chatstate::CommitObserver`.
+    pub fn observer(mut self, observer: Arc<dyn CommitObserver>) -> Self {
+        self.observer = Some(observer);
+        self
+    }
+
     /// Shuts the runtime down gracefully when `token` is cancelled (the
     /// runtime's own stop is a child of it).
     pub fn stop_on(mut self, token: &CancellationToken) -> Self {
@@ -226,6 +235,7 @@ impl<S: Store, H: Handler<S>> Builder<S, H> {
             timing,
             stop: self.stop.clone(),
             counters: counters.clone(),
+            observer: self.observer,
         });
         let main = tokio::spawn(ClaimLoop::new(shared, self.capacity, rx, sources).run());
         Ok(Runtime {
@@ -273,6 +283,7 @@ impl Runtime {
             grace: None,
             sources: Vec::new(),
             stop: CancellationToken::new(),
+            observer: None,
         }
     }
 
