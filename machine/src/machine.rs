@@ -222,10 +222,14 @@ impl<S: Store> ChatMachine<S> {
         let own = after_update(&snap);
         let mut notes = nested;
         notes.extend(own.iter().cloned());
-        let result =
-            publish_with_commit(&self.notify, stx, &notes, snap.row.versions.snapshot).await;
-        if let (Some(observer), Some(recording)) = (&self.observer, recording) {
+        let version = snap.row.versions.snapshot;
+        let observer = self.observer.as_ref().zip(recording).map(|(o, recording)| {
             changes.insert(0, start.change(self.chat_id, recording, snap, own));
+            o.before_commit(&changes);
+            o
+        });
+        let result = publish_with_commit(&self.notify, stx, &notes, version).await;
+        if let Some(observer) = observer {
             observer.commit_ended(&CommitReport {
                 changes: &changes,
                 result: result.as_ref().map(|_| ()),

@@ -61,12 +61,22 @@ pub struct CommitReport<'a> {
     pub result: Result<(), &'a Error>,
 }
 
-/// Told about every Update that tried to commit, after the commit and the
-/// publication, before the caller gets the result.
+/// Told about every Update that tries to commit: just before the commit is
+/// sent, and after the commit and the publication, before the caller gets
+/// the result.
 ///
 /// The call is synchronous and runs on the Update's task: keep it short
 /// (record, count, send to a channel). It must not panic.
 pub trait CommitObserver: Send + Sync + 'static {
+    /// An Update is about to send its commit: `changes` are what it commits
+    /// if the commit succeeds. A process that may die at any instant (and
+    /// wants every commit accounted for) writes them down here as *maybe
+    /// committed*, and settles them in [`CommitObserver::commit_ended`].
+    /// Default: nothing.
+    fn before_commit(&self, changes: &[ChatChange]) {
+        let _ = changes;
+    }
+
     /// One Update ended at or after its commit.
     fn commit_ended(&self, report: &CommitReport<'_>);
 }

@@ -11,11 +11,18 @@ use chatstate_model::{Notification, Transition};
 use crate::Backend;
 use crate::fixture::Fx;
 
-/// Keeps every report.
+/// Keeps every report, and what was announced before each commit.
 #[derive(Default)]
-struct Keep(Mutex<Vec<(Vec<ChatChange>, Result<(), String>)>>);
+struct Keep(
+    Mutex<Vec<(Vec<ChatChange>, Result<(), String>)>>,
+    Mutex<Vec<Vec<ChatChange>>>,
+);
 
 impl CommitObserver for Keep {
+    fn before_commit(&self, changes: &[ChatChange]) {
+        self.1.lock().expect("announced").push(changes.to_vec());
+    }
+
     fn commit_ended(&self, report: &CommitReport<'_>) {
         let result = report.result.map_err(|e| e.to_string());
         self.0
@@ -26,8 +33,14 @@ impl CommitObserver for Keep {
 }
 
 impl Keep {
+    /// The reports since the last call; each was announced, identically,
+    /// before its commit.
     fn take(&self) -> Vec<(Vec<ChatChange>, Result<(), String>)> {
-        std::mem::take(&mut *self.0.lock().expect("reports"))
+        let reports = std::mem::take(&mut *self.0.lock().expect("reports"));
+        let announced = std::mem::take(&mut *self.1.lock().expect("announced"));
+        let ended: Vec<_> = reports.iter().map(|(c, _)| c.clone()).collect();
+        assert_eq!(announced, ended, "before_commit saw what commit_ended saw");
+        reports
     }
 }
 
