@@ -17,6 +17,7 @@
 
 use std::fmt;
 
+use chatstate_model::oracle::{CommittedUpdate, Published};
 use chatstate_model::{Call, ChatId, Notification, Outcome, Snapshot, Timestamp};
 
 use crate::error::Error;
@@ -46,6 +47,23 @@ pub struct ChatChange {
     pub end: Snapshot,
     /// The notifications the Update publishes for this chat if it commits.
     pub notifications: Vec<Notification>,
+}
+
+impl ChatChange {
+    /// The change as the linearizability oracle takes it
+    /// ([`chatstate_model::oracle`]), its notifications as they went out.
+    pub fn to_committed_update(&self) -> CommittedUpdate {
+        CommittedUpdate {
+            chat: self.chat_id,
+            snapshot: self.snapshot_version,
+            now: self.now,
+            lease_fresh: self.lease_fresh,
+            calls: self.calls.clone(),
+            outcomes: self.outcomes.clone(),
+            end: self.end.clone(),
+            published: self.notifications.iter().map(Published::from).collect(),
+        }
+    }
 }
 
 /// An Update that tried to commit, as told to a [`CommitObserver`].

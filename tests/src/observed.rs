@@ -84,6 +84,19 @@ pub async fn observer_reports_what_committed<B: Backend>(b: &B) {
     assert_eq!(c.end.row, stored.row);
     assert!(c.lease_fresh.eq(&false), "no lease before the Acquire");
     assert_eq!(c.notifications, fx.publisher.notifications());
+    let oracle = c.to_committed_update();
+    assert_eq!(oracle.snapshot, c.snapshot_version);
+    let sent: Vec<Vec<u8>> = fx
+        .publisher
+        .published()
+        .into_iter()
+        .map(|p| p.payload)
+        .collect();
+    let told: Vec<Vec<u8>> = oracle.published.into_iter().map(|p| p.payload).collect();
+    assert_eq!(
+        told, sent,
+        "the oracle's record carries the bytes that went out"
+    );
 
     // Failed in the callback, and skipped: nothing reported.
     let err = m
