@@ -11,4 +11,5 @@ mod config;
 mod crash;
 mod fencing;
 mod hints;
+mod observed;
 mod shutdown;
