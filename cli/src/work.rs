@@ -295,7 +295,7 @@ fn next_step(record: &ChatRecord) -> Option<Vec<Input>> {
             }
             // A third of the turns call the server tool first.
             let pick = record.row.id.0.as_u128() as u64 ^ record.row.versions.history as u64;
-            if pick % 3 == 0 {
+            if pick.is_multiple_of(3) {
                 let id = format!("search-{}-{}", record.row.id.0, record.row.versions.history);
                 let call = NewMessage::new(
                     Role::Assistant,

@@ -622,11 +622,22 @@ fn read_record(
 ) {
     let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let mut open: HashMap<(ChatId, i64), VecDeque<Vec<Change>>> = HashMap::new();
-    for (n, line) in BufReader::new(file).lines().enumerate() {
-        let line = line.expect("reading a record");
-        // A process killed mid-write leaves at most a torn last line.
-        let Ok(parsed) = serde_json::from_str::<Line>(&line) else {
-            panic!("{}:{}: not a record line: {line}", path.display(), n + 1);
+    let lines: Vec<String> = BufReader::new(file)
+        .lines()
+        .collect::<Result<_, _>>()
+        .expect("reading a record");
+    for (n, line) in lines.iter().enumerate() {
+        let parsed = match serde_json::from_str::<Line>(line) {
+            Ok(parsed) => parsed,
+            // A process killed mid-write leaves at most a torn last line:
+            // a torn `maybe` line means the commit was never sent, a torn
+            // settling line leaves its Update maybe committed.
+            Err(_) if n + 1 == lines.len() => break,
+            Err(e) => panic!(
+                "{}:{}: not a record line ({e}): {line}",
+                path.display(),
+                n + 1
+            ),
         };
         match parsed {
             Line::Created {
