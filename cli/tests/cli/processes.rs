@@ -44,6 +44,10 @@ use record::{Change, Line, Note, Recorder};
 /// half of it.
 const STALE: Duration = Duration::from_millis(2000);
 const SWEEP: Duration = Duration::from_millis(1000);
+/// How long generating a step takes in the workers, and in the one that
+/// is killed.
+const STEP: Duration = Duration::from_millis(30);
+const VICTIM_STEP: Duration = Duration::from_millis(400);
 /// How often the killed worker's chats are read until re-owned.
 const HELD_POLL: Duration = Duration::from_millis(10);
 /// What the measurement may add to the guarantee: the claim itself and
@@ -271,9 +275,17 @@ async fn run_scenario(cluster: &'static Cluster, sc: &Scenario) -> Run {
 
     let mut workers: Vec<Worker> = (0..sc.workers)
         .map(|i| {
+            // The worker to be killed generates slowly, so that it holds
+            // chats mid-turn most of the time.
+            let step = if i == 0 && sc.kill_at.is_some() {
+                VICTIM_STEP
+            } else {
+                STEP
+            };
             Worker::spawn(
                 &url,
                 &scratch(&format!("{}-worker-{i}.jsonl", sc.name)),
+                step,
                 sc.unfenced,
             )
         })
@@ -318,7 +330,16 @@ async fn run_scenario(cluster: &'static Cluster, sc: &Scenario) -> Run {
         victim.child.kill().expect("SIGKILL to a worker");
         let killed = Instant::now();
         let _ = victim.child.wait();
-        println!("killed worker {} holding {} chats", victim.id, held.len());
+        // What it holds now it is dead (a commit it sent before dying may
+        // have ended a turn meanwhile): the chats that need re-owning.
+        if !held.is_empty() {
+            held = owned_by(&api, &chats, victim.id).await;
+        }
+        println!(
+            "killed worker {} holding {} runnable chats",
+            victim.id,
+            held.len()
+        );
         assert!(
             !held.is_empty(),
             "the killed worker held no chat: nothing to re-own"
@@ -371,7 +392,7 @@ async fn run_scenario(cluster: &'static Cluster, sc: &Scenario) -> Run {
         w.terminate();
     }
     let mut records = vec![api_record];
-    for (i, w) in workers.into_iter().enumerate() {
+    for (i, w) in workers.iter_mut().enumerate() {
         records.push(w.record.clone());
         let (stdout, stderr, ok) = w.finish();
         if i >= live_from {
@@ -423,22 +444,34 @@ async fn run_scenario(cluster: &'static Cluster, sc: &Scenario) -> Run {
 // ---------------------------------------------------------------------------
 // Worker processes
 
+/// A `chatstate work` process; killed when dropped (a failing test
+/// leaves no worker behind).
 struct Worker {
     id: uuid::Uuid,
     child: Child,
     record: PathBuf,
-    stdout: JoinHandle<String>,
-    stderr: JoinHandle<String>,
+    stdout: Option<JoinHandle<String>>,
+    stderr: Option<JoinHandle<String>>,
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }
 
 impl Worker {
-    fn spawn(url: &str, record: &Path, unfenced: bool) -> Worker {
+    fn spawn(url: &str, record: &Path, step: Duration, unfenced: bool) -> Worker {
         let id = uuid::Uuid::new_v4();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_chatstate"));
         cmd.args(["work", "--database-url", url, "--record"])
             .arg(record)
             .args(["--heartbeat-stale-ms", &STALE.as_millis().to_string()])
-            .args(["--step-ms", "30", "--worker-id", &id.to_string()]);
+            .args(["--step-ms", &step.as_millis().to_string()])
+            .args(["--worker-id", &id.to_string()]);
         if unfenced {
             cmd.arg("--unfenced");
         }
@@ -460,22 +493,22 @@ impl Worker {
             }
             text
         });
+        let worker = Worker {
+            id,
+            child,
+            record: record.to_owned(),
+            stdout: Some(stdout),
+            stderr: Some(stderr),
+        };
         // Running means connected, listening and claiming; a worker that
         // cannot start says why before it exits.
         let mut early = Vec::new();
         loop {
             match said.recv_timeout(Duration::from_secs(30)) {
-                Ok(line) if line.contains("running") => break,
+                Ok(line) if line.contains("running") => return worker,
                 Ok(line) => early.push(line),
                 Err(e) => panic!("worker {id} did not start ({e}): {}", early.join("\n")),
             }
-        }
-        Worker {
-            id,
-            child,
-            record: record.to_owned(),
-            stdout,
-            stderr,
         }
     }
 
@@ -490,7 +523,7 @@ impl Worker {
 
     /// Waits for the process to exit (bounded); its stdout, stderr and
     /// whether it exited successfully.
-    fn finish(mut self) -> (String, String, bool) {
+    fn finish(&mut self) -> (String, String, bool) {
         let started = Instant::now();
         let status = loop {
             if let Some(status) = self.child.try_wait().expect("waiting for a worker") {
@@ -502,8 +535,10 @@ impl Worker {
             }
             std::thread::sleep(Duration::from_millis(20));
         };
-        let stdout = self.stdout.join().expect("stdout reader");
-        let stderr = self.stderr.join().expect("stderr reader");
+        let stdout = self.stdout.take().expect("read once");
+        let stderr = self.stderr.take().expect("read once");
+        let stdout = stdout.join().expect("stdout reader");
+        let stderr = stderr.join().expect("stderr reader");
         (stdout, stderr, status.success())
     }
 }
