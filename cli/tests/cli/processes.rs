@@ -119,6 +119,15 @@ fn processes_three_workers_one_killed_agree_with_the_oracle() {
     );
     assert_eq!(verdict.chats_checked, 20);
     let fencing = interleavings(&run.committed, &run.maybe, &run.stored);
+    // A step by a runner that had lost the chat, planted in the records,
+    // is what the interleaving check reports.
+    let mut planted = run.committed.clone();
+    let chat = plant_stale_step(&mut planted).expect("a chat that changed runners");
+    let found = interleavings(&planted, &run.maybe, &run.stored);
+    assert!(
+        found.iter().any(|f| f.contains(&chat.to_string())),
+        "a stale runner's step went unnoticed: {found:?}"
+    );
     assert!(
         fencing.is_empty(),
         "interleaved runners:\n{}",
@@ -859,6 +868,40 @@ fn interleavings(
         }
     }
     found
+}
+
+/// Re-fences one worker transition with the runner that owned its chat
+/// before the last Acquire (as if a worker that had lost the chat still
+/// committed); returns the chat.
+fn plant_stale_step(changes: &mut [Change]) -> Option<ChatId> {
+    changes.sort_by_key(|c| (c.chat, c.snapshot));
+    let mut previous: Option<(ChatId, RunnerId)> = None;
+    let mut current: Option<(ChatId, RunnerId)> = None;
+    for change in changes.iter_mut() {
+        for call in &mut change.calls {
+            match &call.input {
+                Input::Acquire { owner } => {
+                    if current.is_some_and(|(chat, _)| chat == change.chat) {
+                        previous = current;
+                    } else {
+                        previous = None;
+                    }
+                    current = Some((change.chat, owner.runner_id));
+                }
+                _ if call.fence.is_some() => {
+                    if let Some((chat, stale)) = previous
+                        && chat == change.chat
+                        && call.fence != Some(stale)
+                    {
+                        call.fence = Some(stale);
+                        return Some(chat);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    None
 }
 
 /// Transitions users make (anyone may, unfenced).
