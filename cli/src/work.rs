@@ -87,6 +87,9 @@ async fn work(args: &Args) -> anyhow::Result<String> {
         ..Options::default()
     };
     options.validate().context("--heartbeat-stale-ms")?;
+    // The runtime checks the rest when it starts; refuse before touching
+    // the database or the record file.
+    anyhow::ensure!(args.capacity > 0, "--capacity must be at least 1");
     let recorder: Option<Arc<dyn CommitObserver>> = match &args.record {
         Some(path) => {
             Some(Arc::new(Recorder::create(path).with_context(|| {

@@ -257,6 +257,34 @@ fn processes_unfenced_workers_or_a_lost_record_fail_the_checks() {
     println!("dropped record: {}", verdict.violations[0]);
 }
 
+/// Bad flags are refused with a clear error before the database or the
+/// record file is touched.
+#[test]
+fn processes_work_refuses_bad_flags_before_starting() {
+    let record = scratch("refused.jsonl");
+    let record_arg = record.to_str().expect("a UTF-8 scratch path");
+    let url = "postgres://nobody@localhost:1/none";
+    for (flag, value, says) in [
+        ("--heartbeat-stale-ms", "0", "heartbeat_stale"),
+        ("--capacity", "0", "--capacity must be at least 1"),
+        ("--worker-id", "not-a-uuid", "invalid value"),
+    ] {
+        let out = crate::chatstate(&[
+            "work",
+            "--database-url",
+            url,
+            "--record",
+            record_arg,
+            flag,
+            value,
+        ]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flag} {value}: {stderr}");
+        assert!(stderr.contains(says), "{flag} {value}: {stderr}");
+        assert!(!record.exists(), "{flag} {value} created the record file");
+    }
+}
+
 // ---------------------------------------------------------------------------
 // The scenario
 
