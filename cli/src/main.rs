@@ -16,10 +16,12 @@ mod demo;
 mod explore;
 mod matrix;
 mod pg;
+mod record;
 mod replay;
 mod simulate;
 mod trace;
 mod tracegen;
+mod work;
 
 /// The chat execution state toolkit: model checks, the matrix, trace
 /// replay, simulation, benchmarks and the model Explorer.
@@ -53,6 +55,8 @@ enum Command {
     Demo(demo::Args),
     /// Print a generated trace (many chats, deterministic).
     TraceGen(tracegen::Args),
+    /// Run one worker process on a Postgres database until SIGTERM.
+    Work(work::Args),
 }
 
 fn main() -> ExitCode {
@@ -103,5 +107,6 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Explore(args) => explore::run(&args),
         Command::Demo(args) => demo::run(&args),
         Command::TraceGen(args) => tracegen::run(&args),
+        Command::Work(args) => work::run(&args),
     }
 }

@@ -304,7 +304,7 @@ pub fn step(chat: &Chat, input: &Input, env: &StepEnv<'_>) -> Result<(Chat, Outc
 }
 
 /// One transition of an Update, with its optional runner fence.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Call {
     /// The input.
     pub input: Input,

@@ -171,7 +171,7 @@ pub struct ToolResultInput {
 ///
 /// CreateChat is not here: it is not applied to an existing chat (see
 /// [`crate::NewChat`]).
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Input {
     /// Archive (`true`) or unarchive (`false`).
     SetArchived {

@@ -8,6 +8,7 @@ mod bench;
 mod demo;
 mod explore;
 mod limits;
+mod processes;
 mod replay;
 mod simulate;
 
