@@ -97,6 +97,18 @@ pub trait Store: Clone + Send + Sync + 'static {
         options: &Options,
         limit: usize,
     ) -> impl Future<Output = Result<Vec<ChatId>, StoreError>> + Send;
+
+    /// [`Store::claimable`] among `chats` only: those of them that need an
+    /// owner now, by the same rules, oldest first. Like `claimable` it never
+    /// waits for a row lock, so a chat another worker is claiming right now
+    /// is left out. A worker asks this before claiming a hinted chat, so
+    /// that a hint every worker hears does not make every worker lock the
+    /// row. Unknown ids are ignored.
+    fn claimable_among(
+        &self,
+        chats: &[ChatId],
+        options: &Options,
+    ) -> impl Future<Output = Result<Vec<ChatId>, StoreError>> + Send;
 }
 
 /// What [`Store::create_chat`] did.

@@ -654,15 +654,33 @@ impl Store for MemStore {
 
     async fn claimable(&self, options: &Options, limit: usize) -> Result<Vec<ChatId>, StoreError> {
         self.inner.call("find claimable chats")?;
+        let mut found = self.inner.claimable(options, |_| true);
+        found.truncate(limit);
+        Ok(found)
+    }
+
+    async fn claimable_among(
+        &self,
+        chats: &[ChatId],
+        options: &Options,
+    ) -> Result<Vec<ChatId>, StoreError> {
+        self.inner.call("find claimable chats")?;
+        Ok(self.inner.claimable(options, |id| chats.contains(&id)))
+    }
+}
+
+impl Inner {
+    /// The chats `among` accepts that need an owner, oldest first.
+    fn claimable(&self, options: &Options, among: impl Fn(ChatId) -> bool) -> Vec<ChatId> {
         let slots: Vec<Arc<Slot>> = self
-            .inner
             .chats
             .lock()
             .expect("chat map")
-            .values()
-            .cloned()
+            .iter()
+            .filter(|(id, _)| among(**id))
+            .map(|(_, slot)| slot.clone())
             .collect();
-        let now = self.inner.clock.now();
+        let now = self.clock.now();
         let mut found = Vec::new();
         for slot in slots {
             // SKIP LOCKED: a row another transaction holds is skipped, never
@@ -677,11 +695,8 @@ impl Store for MemStore {
             }
         }
         found.sort_unstable_by_key(|(at, id)| (*at, id.0));
-        Ok(found.into_iter().take(limit).map(|(_, id)| id).collect())
+        found.into_iter().map(|(_, id)| id).collect()
     }
-}
-
-impl Inner {
     fn message(&self, m: NewMessage, queued: Option<QueuedMessageId>, revision: i64) -> Message {
         let id = MessageId(self.next_message_id.fetch_add(1, Ordering::SeqCst));
         m.stored(id, queued, revision)

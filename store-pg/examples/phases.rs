@@ -110,6 +110,14 @@ impl Store for Timed {
     async fn claimable(&self, options: &Options, limit: usize) -> Result<Vec<ChatId>, StoreError> {
         self.inner.claimable(options, limit).await
     }
+
+    async fn claimable_among(
+        &self,
+        chats: &[ChatId],
+        options: &Options,
+    ) -> Result<Vec<ChatId>, StoreError> {
+        self.inner.claimable_among(chats, options).await
+    }
 }
 
 impl StoreTx for TimedTx {

@@ -482,18 +482,58 @@ impl Store for PgStore {
     }
 
     async fn claimable(&self, options: &Options, limit: usize) -> Result<Vec<ChatId>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.claimable_query(options, Among::All { limit }).await
+    }
+
+    async fn claimable_among(
+        &self,
+        chats: &[ChatId],
+        options: &Options,
+    ) -> Result<Vec<ChatId>, StoreError> {
+        if chats.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids = chats.iter().map(|c| c.0).collect();
+        self.claimable_query(options, Among::These(ids)).await
+    }
+}
+
+/// Which chats a claimable query looks at.
+enum Among {
+    /// All of them, at most `limit` ([`sql::CLAIMABLE`]).
+    All { limit: i64 },
+    /// These ([`sql::CLAIMABLE_AMONG`]).
+    These(Vec<uuid::Uuid>),
+}
+
+impl PgStore {
+    /// Runs a claimable query: `$1` the model's runnable statuses (not a
+    /// list re-stated here), `$2` the staleness, `$3` the limit or the ids.
+    async fn claimable_query(
+        &self,
+        options: &Options,
+        among: Among,
+    ) -> Result<Vec<ChatId>, StoreError> {
         const CONTEXT: &str = "find claimable chats";
-        // The model's runnable statuses, not a list re-stated here.
         let statuses: Vec<String> = ChatStatus::runnable()
             .iter()
             .map(|s| s.as_str().to_owned())
             .collect();
+        let stale = micros(options.heartbeat_stale);
+        let query = match among {
+            Among::All { limit } => sqlx::query(sql::CLAIMABLE)
+                .bind(statuses)
+                .bind(stale)
+                .bind(limit),
+            Among::These(ids) => sqlx::query(sql::CLAIMABLE_AMONG)
+                .bind(statuses)
+                .bind(stale)
+                .bind(ids),
+        };
         let mut conn = self.connection().await?;
         self.round_trips.tick();
-        let rows = sqlx::query(sql::CLAIMABLE)
-            .bind(statuses)
-            .bind(micros(options.heartbeat_stale))
-            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        let rows = query
             .fetch_all(&mut *conn)
             .await
             .map_err(|e| store_error(CONTEXT, e))?;

@@ -679,6 +679,18 @@ SELECT c.id FROM chats c
  LIMIT $3
    FOR NO KEY UPDATE OF c SKIP LOCKED";
 
+/// [`CLAIMABLE`] among the chats `$3` (no limit: the list bounds it).
+pub(crate) const CLAIMABLE_AMONG: &str = "\
+SELECT c.id FROM chats c
+ WHERE c.id = ANY($3::uuid[])
+   AND c.status = ANY($1::text[]) AND NOT c.archived
+   AND NOT EXISTS (
+        SELECT 1 FROM chat_heartbeats h
+         WHERE h.chat_id = c.id AND h.runner_id = c.runner_id
+           AND h.heartbeat_at > now() - interval '1 microsecond' * $2)
+ ORDER BY c.updated_at, c.id
+   FOR NO KEY UPDATE OF c SKIP LOCKED";
+
 /// Ages every stored instant by `$1` microseconds (TestControl: store
 /// time cannot move, so the data moves the other way).
 pub(crate) const ADVANCE_CLOCK: &str = "\

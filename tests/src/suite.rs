@@ -1715,6 +1715,28 @@ pub async fn claimable_lists_chats_that_need_a_worker<B: Backend>(b: &B) {
         .unwrap()
         .into_inner();
     assert_eq!(seen, [stale.chat_id()]);
+    // Among given chats: the same rules, oldest first, unknown ids ignored,
+    // a locked row skipped.
+    let all = [
+        stale.chat_id(),
+        fresh.chat_id(),
+        idle.chat_id(),
+        archived.chat_id(),
+        invalid.chat_id(),
+        ChatId::new_random(),
+        unowned.chat_id(),
+    ];
+    let among =
+        async |chats: &[ChatId]| fx.store.claimable_among(chats, &fx.options).await.unwrap();
+    assert_eq!(among(&all).await, [unowned.chat_id(), stale.chat_id()]);
+    assert_eq!(among(&all[1..6]).await, []);
+    assert!(among(&[]).await.is_empty());
+    let seen = unowned
+        .update_or_skip(async |_tx| Ok(Ending::Skip(among(&all).await)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(seen, [stale.chat_id()]);
     // Claimed chats leave the list.
     assert!(matches!(
         unowned.try_acquire(w2, r2).await.unwrap(),
@@ -1726,4 +1748,5 @@ pub async fn claimable_lists_chats_that_need_a_worker<B: Backend>(b: &B) {
         Claim::Won { .. }
     ));
     assert!(claimable(10).await.is_empty());
+    assert!(among(&all).await.is_empty());
 }

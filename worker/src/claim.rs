@@ -107,7 +107,7 @@ impl<S: Store, H: Handler<S>> ClaimLoop<S, H> {
                     if let Some((slot, Some(end))) = self.ended(done)
                         && end.reoffer
                     {
-                        self.offer(slot.chat);
+                        self.offer(slot.chat, Source::Hint);
                     }
                     if self.sweep_due && self.free() > 0 {
                         self.sweep().await;
@@ -139,22 +139,22 @@ impl<S: Store, H: Handler<S>> ClaimLoop<S, H> {
             bump(&counters.hints_at_capacity);
             self.sweep_due = true;
         } else {
-            self.claim(chat);
+            self.claim(chat, Source::Hint);
         }
     }
 
     /// Claims `chat` unless it is held here or there is no room.
-    fn offer(&mut self, chat: ChatId) {
+    fn offer(&mut self, chat: ChatId, source: Source) {
         if !self.held.contains(&chat) && self.free() > 0 {
-            self.claim(chat);
+            self.claim(chat, source);
         }
     }
 
-    fn claim(&mut self, chat: ChatId) {
+    fn claim(&mut self, chat: ChatId, source: Source) {
         let runner = RunnerId::new_random();
         let id = self
             .tasks
-            .spawn(chat_task(self.shared.clone(), chat, runner))
+            .spawn(chat_task(self.shared.clone(), chat, runner, source))
             .id();
         self.slots.insert(id, Slot { chat, runner });
         self.held.insert(chat);
@@ -202,7 +202,7 @@ impl<S: Store, H: Handler<S>> ClaimLoop<S, H> {
             Ok(chats) => {
                 add(&counters.swept, chats.len() as u64);
                 for chat in chats {
-                    self.offer(chat);
+                    self.offer(chat, Source::Sweep);
                 }
             }
             // The next tick tries again.
@@ -243,14 +243,37 @@ impl<S: Store, H: Handler<S>> ClaimLoop<S, H> {
     }
 }
 
+/// Where a chat to claim came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Source {
+    /// A hint (every worker hears it) or our own release: ask
+    /// `Store::claimable_among` first, which never waits for a row lock, so
+    /// that a chat another worker holds or is claiming right now costs no
+    /// claim transaction.
+    Hint,
+    /// A sweep that has just found it claimable.
+    Sweep,
+}
+
 /// One chat: claim it, run the handler if the claim won, release it.
 async fn chat_task<S: Store, H: Handler<S>>(
     shared: Arc<Shared<S, H>>,
     chat: ChatId,
     runner: RunnerId,
+    source: Source,
 ) -> ChatEnd {
     let counters = &shared.counters;
     let quiet = ChatEnd { reoffer: false };
+    if source == Source::Hint {
+        match shared.store.claimable_among(&[chat], &shared.options).await {
+            Ok(found) if found.is_empty() => {
+                bump(&counters.claims_skipped);
+                return quiet;
+            }
+            // Claimable, or the check failed: the claim decides.
+            Ok(_) | Err(_) => {}
+        }
+    }
     let machine = shared.machine(chat);
     let snapshot = match machine.try_acquire(shared.worker, runner).await {
         Ok(Claim::Won { snapshot }) => {

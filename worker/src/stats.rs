@@ -18,6 +18,10 @@ pub struct Stats {
     pub claims_not_runnable: u64,
     /// Claims that failed: the chat is gone, or the store failed.
     pub claims_failed: u64,
+    /// Hinted chats that `Store::claimable_among` found not needing an
+    /// owner (held, not runnable, or being claimed by another worker right
+    /// now): no claim transaction was opened.
+    pub claims_skipped: u64,
     /// Heartbeats that found the lease still held and refreshed it.
     pub heartbeats: u64,
     /// Heartbeats the store failed (retried on the next tick).
@@ -72,6 +76,7 @@ counters!(
     claims_held,
     claims_not_runnable,
     claims_failed,
+    claims_skipped,
     heartbeats,
     heartbeat_errors,
     leases_lost,
