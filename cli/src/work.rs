@@ -140,6 +140,7 @@ fn stats_line(worker: WorkerId, s: &Stats) -> String {
         "claims_held": s.claims_held,
         "claims_not_runnable": s.claims_not_runnable,
         "claims_failed": s.claims_failed,
+        "claims_skipped": s.claims_skipped,
         "heartbeats": s.heartbeats,
         "heartbeat_errors": s.heartbeat_errors,
         "leases_lost": s.leases_lost,

@@ -145,8 +145,9 @@ fn processes_three_workers_one_killed_agree_with_the_oracle() {
         won_total += won;
         lost_total += lost;
         println!(
-            "worker {}: claims won {won}, lost {lost}, leases lost {}, handed back {}",
-            s["worker_id"], s["leases_lost"], s["handed_back"]
+            "worker {}: claims won {won}, lost {lost}, hints skipped before claiming {}, \
+             leases lost {}, handed back {}",
+            s["worker_id"], s["claims_skipped"], s["leases_lost"], s["handed_back"]
         );
     }
     let wasted = lost_total as f64 / (won_total + lost_total).max(1) as f64;
