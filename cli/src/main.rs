@@ -14,9 +14,12 @@ mod bench;
 mod check;
 mod demo;
 mod explore;
+mod inspect;
 mod matrix;
+mod migrate;
 mod pg;
 mod replay;
+mod show;
 mod simulate;
 mod trace;
 mod tracegen;
@@ -53,6 +56,13 @@ enum Command {
     Demo(demo::Args),
     /// Print a generated trace (many chats, deterministic).
     TraceGen(tracegen::Args),
+    /// Schema migrations of a database: status, up, or the SQL to apply.
+    Migrate(migrate::Args),
+    /// Show one chat of a database: state, lease, versions, queue, recent
+    /// history and what it may do next.
+    Inspect(inspect::InspectArgs),
+    /// List the chats of a database by state, status or stale lease.
+    Chats(inspect::ChatsArgs),
 }
 
 fn main() -> ExitCode {
@@ -103,5 +113,8 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Explore(args) => explore::run(&args),
         Command::Demo(args) => demo::run(&args),
         Command::TraceGen(args) => tracegen::run(&args),
+        Command::Migrate(args) => migrate::run(&args),
+        Command::Inspect(args) => inspect::run_inspect(&args),
+        Command::Chats(args) => inspect::run_chats(&args),
     }
 }
