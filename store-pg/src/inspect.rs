@@ -321,6 +321,10 @@ pub async fn inspect_chat(
 
 /// Chats matching `filter`, oldest first by `updated_at`, then id.
 ///
+/// The queue length comes from the row's queue cache while it is valid
+/// (migration 0002: `queue_ids` at `queue_version`), so a listing reads
+/// the queue table only for chats whose cache is stale.
+///
 /// `$1` staleness threshold (µs); `$2` filter by state?, `$3..$5` the
 /// (status, archived, queued) tuples of the wanted states, `$6` Invalid
 /// wanted (then a status outside the known and legacy ones, `$7`, matches
@@ -336,7 +340,10 @@ SELECT c.id, c.status, c.archived, c.worker_id, c.runner_id, c.snapshot_version,
        (h.heartbeat_at > now() - interval '1 microsecond' * $1) AS heartbeat_fresh
   FROM chats c
  CROSS JOIN LATERAL (
-        SELECT count(*) AS queued FROM chat_queued_messages m WHERE m.chat_id = c.id) AS q
+        SELECT CASE WHEN c.queue_ids_version = c.queue_version
+                    THEN cardinality(c.queue_ids)::bigint
+                    ELSE (SELECT count(*) FROM chat_queued_messages m WHERE m.chat_id = c.id)
+               END AS queued) AS q
   LEFT JOIN chat_heartbeats h ON h.chat_id = c.id AND h.runner_id = c.runner_id
  WHERE (NOT $2::bool
         OR (c.status, c.archived, q.queued > 0) IN (

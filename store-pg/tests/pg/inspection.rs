@@ -208,6 +208,21 @@ async fn listings_filter_by_state_status_archived_and_stale_lease() {
     assert_eq!(r1_row.queue_len, 1);
     assert_eq!(r1_row.lease.freshness, LeaseFreshness::Fresh);
     assert_eq!(r1_row.lease.owner, Some(fx.owner));
+    // Without the row's queue cache (a chat from before migration 0002),
+    // the queue table says the same.
+    sqlx::query("UPDATE chats SET queue_ids = NULL, queue_ids_version = NULL WHERE id = $1")
+        .bind(r1.0)
+        .execute(pool)
+        .await
+        .unwrap();
+    let uncached = list_chats(pool, &ChatFilter::default(), &options)
+        .await
+        .unwrap();
+    let r1_uncached = uncached.iter().find(|c| c.id == r1).unwrap();
+    assert_eq!(
+        (r1_uncached.queue_len, r1_uncached.state),
+        (1, ExecutionState::R1)
+    );
 
     // (what, filter, the chats expected, in any order).
     let cases: Vec<(&str, ChatFilter, Vec<ChatId>)> = vec![
