@@ -314,6 +314,8 @@ fn inspect_and_chats_show_a_chat_with_a_queue_and_a_lease() {
     let nobody = ChatId(uuid::Uuid::new_v4()).0.to_string();
     let (out, err) = expect(1, &["inspect", &nobody, "--database-url", url]);
     assert!(out.is_empty() && err.contains("not found"), "{err}");
+    let (out, _) = expect(1, &["inspect", &nobody, "--json", "--database-url", url]);
+    assert_eq!(json(&out), Value::Null);
 
     let listed = |args: &[&str]| -> BTreeSet<String> {
         let mut all = vec!["chats", "--json", "--database-url", url];
