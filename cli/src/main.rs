@@ -14,10 +14,13 @@ mod bench;
 mod check;
 mod demo;
 mod explore;
+mod inspect;
 mod matrix;
+mod migrate;
 mod pg;
 mod record;
 mod replay;
+mod show;
 mod simulate;
 mod trace;
 mod tracegen;
@@ -57,6 +60,13 @@ enum Command {
     TraceGen(tracegen::Args),
     /// Run one worker process on a Postgres database until SIGTERM.
     Work(work::Args),
+    /// Schema migrations of a database: status, up, or the SQL to apply.
+    Migrate(migrate::Args),
+    /// Show one chat of a database: state, lease, versions, queue, recent
+    /// history and what it may do next.
+    Inspect(inspect::InspectArgs),
+    /// List the chats of a database by state, status or stale lease.
+    Chats(inspect::ChatsArgs),
 }
 
 fn main() -> ExitCode {
@@ -108,5 +118,8 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Demo(args) => demo::run(&args),
         Command::TraceGen(args) => tracegen::run(&args),
         Command::Work(args) => work::run(&args),
+        Command::Migrate(args) => migrate::run(&args),
+        Command::Inspect(args) => inspect::run_inspect(&args),
+        Command::Chats(args) => inspect::run_chats(&args),
     }
 }

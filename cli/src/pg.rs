@@ -59,3 +59,14 @@ pub(crate) async fn connect(flag: Option<&str>) -> anyhow::Result<PgTarget> {
         external: false,
     })
 }
+
+/// Connects to a database the user named, without migrating it (for the
+/// commands that report on a schema rather than use it).
+pub(crate) async fn connect_only(url: &str) -> anyhow::Result<PgStore> {
+    let pool = chatstate_store_pg::pool_options()
+        .max_connections(2)
+        .connect(url)
+        .await
+        .context("connecting to the database URL")?;
+    Ok(PgStore::new(pool))
+}

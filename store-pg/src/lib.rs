@@ -79,8 +79,10 @@ mod decode;
 mod error;
 pub mod goshape;
 mod idle;
+pub mod inspect;
 mod jsonb;
 mod listen;
+pub mod migrations;
 mod resolve;
 pub mod throwaway;
 mod tx;
@@ -101,7 +103,9 @@ use sqlx::postgres::PgPoolOptions;
 use sqlx::{PgPool, Postgres};
 
 pub use error::PgStoreFault;
+pub use inspect::{ChatFilter, inspect_chat, list_chats};
 pub use listen::{LISTENER_APPLICATION_NAME, ListenerEvent, PgNotifyListener, update_channel};
+pub use migrations::{MigrationStatus, migration_status, pending_sql};
 pub use resolve::CommitLost;
 pub use tx::PgTx;
 

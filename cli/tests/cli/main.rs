@@ -4,6 +4,7 @@
 //! Postgres cases need no setup: the binary starts its own throwaway
 //! cluster (as root too) unless `DATABASE_URL` is set.
 
+mod admin;
 mod bench;
 mod demo;
 mod explore;
