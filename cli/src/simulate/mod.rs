@@ -311,3 +311,57 @@ fn progress_bar(stop: Stop) -> ProgressBar {
     }
     bar
 }
+
+#[cfg(test)]
+mod tests {
+    use chatstate_store_mem::MemStore;
+
+    use super::*;
+
+    /// A short in-memory run of `ops` Update attempts.
+    async fn short_run(crash_rate: f64, ops: u64, recorder: Recorder) -> Summary {
+        let args = Args {
+            chats: 12,
+            users: 4,
+            workers: 3,
+            crash_rate,
+            ..Args::default()
+        };
+        run_on(MemStore::new(), &args, 11, Stop::Ops(ops), recorder)
+            .await
+            .expect("the run completes")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn crashed_runtimes_are_replaced_and_their_chats_taken_over() {
+        let summary = short_run(0.05, 3000, Recorder::new()).await;
+        let v = &summary.verdict;
+        assert!(v.violations.is_empty(), "{}", summary.render());
+        assert!(summary.ok(), "{}", summary.render());
+        let w = &summary.workers;
+        assert!(w.crashes > 0, "{}", summary.render());
+        assert!(
+            w.claims_won > 0 && summary.takeovers > 0,
+            "{}",
+            summary.render()
+        );
+        assert!(
+            v.updates_checked as u64 >= summary.committed,
+            "{}",
+            summary.render()
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lost_record_is_a_violation() {
+        // The 40th committed Update (users' and runtimes' alike) is left
+        // out of the record: the replay finds its snapshot missing.
+        let summary = short_run(0.0, 600, Recorder::dropping(40)).await;
+        assert!(
+            !summary.verdict.violations.is_empty(),
+            "{}",
+            summary.render()
+        );
+        assert!(!summary.ok());
+    }
+}

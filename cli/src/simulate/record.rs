@@ -262,7 +262,7 @@ mod tests {
         let recorder = Arc::new(Recorder::new());
         let (machine, publisher) = observed_chat(recorder.clone()).await;
         machine
-            .update(async |tx| tx.set_archived(true).await)
+            .update(async |tx| tx.interrupt(None).await)
             .await
             .expect("committed");
         assert_eq!(recorder.committed(), 1);
@@ -313,7 +313,7 @@ mod tests {
         let recorder = Arc::new(Recorder::new());
         let (machine, _) = observed_chat(Arc::new(DiesInCommit(recorder.clone()))).await;
         machine
-            .update(async |tx| tx.set_archived(true).await)
+            .update(async |tx| tx.interrupt(None).await)
             .await
             .expect("committed");
         let recorded = recorder.finish();
