@@ -183,25 +183,18 @@ impl<S: Store> Chat<'_, S> {
     async fn run(mut self) -> Released {
         let sh = self.sh;
         let mut misses = 0;
+        let mut carried: Option<View> = None;
         loop {
-            // Read the history the step is generated from.
-            let record = match self.lease.load().await {
-                Ok(record) => record,
-                Err(_) if self.lease.is_lost() => return Released::Finished,
-                Err(e) => {
-                    sh.tally().store_failure(&e);
-                    return Released::Errored;
-                }
-            };
-            let view = View {
-                state: record.state(),
-                compaction_requested: record.row.compaction_requested_at.is_some(),
-                open_calls: ToolState::from_history(
-                    record
-                        .active_history()
-                        .map(|m| (m.role, m.content.as_slice())),
-                )
-                .outstanding(None),
+            // The history the step is generated from: read again unless
+            // the last step was ours and left the chat running (a change
+            // by anyone else since then fails the step with
+            // `HistoryChanged`, and the next round reads it).
+            let view = match carried.take() {
+                Some(view) => view,
+                None => match self.read().await {
+                    Ok(view) => view,
+                    Err(released) => return released,
+                },
             };
             let roll = self.rng.random_range(0..100u32);
             let idle = self.nothing_to_do(&view, roll);
@@ -237,26 +230,35 @@ impl<S: Store> Chat<'_, S> {
                 });
             let runner = self.lease.runner();
             let started = Instant::now();
-            let mut applied = Vec::new();
+            let mut applied = Applied::default();
             let turn = &mut self.turn;
             let result = self
                 .lease
                 .update(async |tx| {
                     let next = worker_step(tx, &mut applied, &view, runner, roll, turn).await?;
                     if crash == Some(Crash::InsideUpdate) {
-                        sh.tally().rolled_back(&applied);
+                        sh.tally().rolled_back(&applied.transitions);
                         match crash_now(self.crash).await {}
                     }
                     Ok(next)
                 })
                 .await;
-            sh.settle(&applied, &result, started);
+            sh.settle(&applied.transitions, &result, started);
             if crash.is_some() {
                 match crash_now(self.crash).await {}
             }
             match result {
                 Ok(Next::Continue) => {
                     misses = 0;
+                    carried = applied
+                        .to
+                        .filter(|to| matches!(to, ExecutionState::R0 | ExecutionState::R1))
+                        .map(|state| View {
+                            state,
+                            // A request is consumed by the step it asks for.
+                            compaction_requested: false,
+                            open_calls: Vec::new(),
+                        });
                     if self.rng.random_ratio(1, 40) {
                         // Another worker may carry on from here.
                         return Released::HandBack;
@@ -275,6 +277,29 @@ impl<S: Store> Chat<'_, S> {
                 Err(_) => return Released::Errored,
             }
         }
+    }
+
+    /// Reads the chat (setting the lease's history expectation) and sees
+    /// what there is to do; `Err` says how to let go when it cannot.
+    async fn read(&self) -> Result<View, Released> {
+        let record = match self.lease.load().await {
+            Ok(record) => record,
+            Err(_) if self.lease.is_lost() => return Err(Released::Finished),
+            Err(e) => {
+                self.sh.tally().store_failure(&e);
+                return Err(Released::Errored);
+            }
+        };
+        Ok(View {
+            state: record.state(),
+            compaction_requested: record.row.compaction_requested_at.is_some(),
+            open_calls: ToolState::from_history(
+                record
+                    .active_history()
+                    .map(|m| (m.role, m.content.as_slice())),
+            )
+            .outstanding(None),
+        })
     }
 
     /// Whether there is no step to take now: waiting for client tool
@@ -303,22 +328,30 @@ async fn crash_now(crash: &CancellationToken) -> Infallible {
     std::future::pending().await
 }
 
+/// The transitions a step applied, and where the last one left the chat.
+#[derive(Default)]
+struct Applied {
+    transitions: Vec<Transition>,
+    to: Option<ExecutionState>,
+}
+
 /// Applies one fenced transition and notes it.
 async fn apply<S: Store>(
     tx: &mut Fenced<'_, '_, S>,
-    applied: &mut Vec<Transition>,
+    applied: &mut Applied,
     input: Input,
 ) -> Result<Outcome, Error> {
     let t = input.transition();
     let outcome = tx.apply_input(input).await?;
-    applied.push(t);
+    applied.transitions.push(t);
+    applied.to = Some(outcome.to);
     Ok(outcome)
 }
 
 /// One step of a turn, generated from `view`, fenced by the lease.
 async fn worker_step<S: Store>(
     tx: &mut Fenced<'_, '_, S>,
-    applied: &mut Vec<Transition>,
+    applied: &mut Applied,
     view: &View,
     runner: RunnerId,
     roll: u32,
@@ -457,7 +490,7 @@ async fn worker_step<S: Store>(
 /// heartbeating and lets the lease lapse (`Errored`).
 async fn release<S: Store>(
     tx: &mut Fenced<'_, '_, S>,
-    applied: &mut Vec<Transition>,
+    applied: &mut Applied,
     roll: u32,
     abandon: u32,
     finish: u32,
