@@ -18,7 +18,7 @@
 
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use chatstate::{
@@ -201,7 +201,7 @@ impl<S: Store> Chat<'_, S> {
             // Generate (or wait), meanwhile users may edit or interrupt.
             let pause = sh.pause(&mut self.rng, sh.args.step_ms);
             tokio::select! {
-                () = tokio::time::sleep(pause) => {}
+                () = nap(pause) => {}
                 () = self.lease.lost() => return Released::Finished,
                 () = self.lease.stopping() => return Released::HandBack,
             }
@@ -319,6 +319,16 @@ impl<S: Store> Chat<'_, S> {
             St::R0 | St::R1 | St::I0 | St::I1 => false,
             _ => roll >= 90,
         }
+    }
+}
+
+/// Sleeps for `d`; for no time at all, only lets other tasks run (a timer
+/// would round up to its resolution).
+async fn nap(d: Duration) {
+    if d.is_zero() {
+        tokio::task::yield_now().await;
+    } else {
+        tokio::time::sleep(d).await;
     }
 }
 
