@@ -14,7 +14,13 @@ fn check(store: &str, extra: &[&str]) -> String {
         "p50",
         "p99",
         "hints sent",
+        "claims won",
+        "wasted claim ratio",
         "takeovers",
+        "leases lost",
+        "handed back",
+        "runtime crashes",
+        "heartbeats",
         "SendMessage",
         "Acquire",
     ] {
