@@ -11,12 +11,12 @@ use chatstate_model::{Notification, Transition};
 use crate::Backend;
 use crate::fixture::Fx;
 
+/// One report: the changes and how the commit ended.
+type Report = (Vec<ChatChange>, Result<(), String>);
+
 /// Keeps every report, and what was announced before each commit.
 #[derive(Default)]
-struct Keep(
-    Mutex<Vec<(Vec<ChatChange>, Result<(), String>)>>,
-    Mutex<Vec<Vec<ChatChange>>>,
-);
+struct Keep(Mutex<Vec<Report>>, Mutex<Vec<Vec<ChatChange>>>);
 
 impl CommitObserver for Keep {
     fn before_commit(&self, changes: &[ChatChange]) {
@@ -35,7 +35,7 @@ impl CommitObserver for Keep {
 impl Keep {
     /// The reports since the last call; each was announced, identically,
     /// before its commit.
-    fn take(&self) -> Vec<(Vec<ChatChange>, Result<(), String>)> {
+    fn take(&self) -> Vec<Report> {
         let reports = std::mem::take(&mut *self.0.lock().expect("reports"));
         let announced = std::mem::take(&mut *self.1.lock().expect("announced"));
         let ended: Vec<_> = reports.iter().map(|(c, _)| c.clone()).collect();
