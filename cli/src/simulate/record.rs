@@ -126,19 +126,10 @@ impl CommitObserver for Recorder {
     }
 }
 
-/// The oracle's form of one chat's change; what it published is filled
-/// in from the publisher's record at the end.
+/// The oracle's form of one chat's change; what it published is replaced
+/// by the publisher's record at the end (see `attach_published`).
 fn update(c: &ChatChange) -> CommittedUpdate {
-    CommittedUpdate {
-        chat: c.chat_id,
-        snapshot: c.snapshot_version,
-        now: c.now,
-        lease_fresh: c.lease_fresh,
-        calls: c.calls.clone(),
-        outcomes: c.outcomes.clone(),
-        end: c.end.clone(),
-        published: Vec::new(),
-    }
+    c.to_committed_update()
 }
 
 /// The record of a finished run.
