@@ -85,6 +85,7 @@ mod observe;
 mod publish;
 mod retry;
 mod store;
+mod telemetry;
 
 pub use chatstate_model as model;
 pub use chatstate_model::{
