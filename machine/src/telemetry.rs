@@ -155,7 +155,8 @@ impl Probe {
         let waited = self.lap("lock_wait_us");
         if self.traced {
             self.span.record("from", snap.state().as_str());
-            self.span.record("snapshot_version", snap.row.versions.snapshot);
+            self.span
+                .record("snapshot_version", snap.row.versions.snapshot);
         }
         #[cfg(feature = "metrics")]
         if let Some(waited) = waited {
@@ -330,7 +331,9 @@ mod tests {
         let cases: Vec<(Result<(), Error>, &str)> = vec![
             (Ok(()), "ok"),
             (
-                Err(rejection(RejectionKind::TransitionNotAllowed { reason: None })),
+                Err(rejection(RejectionKind::TransitionNotAllowed {
+                    reason: None,
+                })),
                 "rejected:TransitionNotAllowed",
             ),
             (
@@ -341,7 +344,9 @@ mod tests {
                 "rejected:HistoryChanged",
             ),
             (
-                Err(Error::ChatNotFound(chatstate_model::ChatId(uuid::Uuid::nil()))),
+                Err(Error::ChatNotFound(chatstate_model::ChatId(
+                    uuid::Uuid::nil(),
+                ))),
                 "rejected:ChatNotFound",
             ),
             (
