@@ -21,7 +21,7 @@ use crate::publish::{Notify, PublishBuffer};
 use crate::store::{
     ChatMetadata, ChatRecord, CreateOutcome, LockMode, MetadataPatch, Store, StoreTx,
 };
-use crate::telemetry::{self, Probe};
+use crate::telemetry::{self, Probe, op_span};
 
 /// The worker transitions, defined once for [`Tx`] (unfenced) and
 /// [`Fenced`]; each type's private `worker` method says how they apply.
@@ -188,8 +188,8 @@ impl<S: Store> ChatMachine<S> {
         &self,
         f: impl AsyncFnOnce(&mut Tx<'_, S>) -> Result<T, Error>,
     ) -> Result<T, Error> {
-        let span = tracing::info_span!(
-            target: "chatstate",
+        let span = op_span!(
+            INFO,
             "update",
             chat_id = %self.chat_id,
             transitions = Empty,
@@ -283,8 +283,8 @@ impl<S: Store> ChatMachine<S> {
         &self,
         f: impl AsyncFnOnce(&mut Locked<'_, S>) -> Result<T, Error>,
     ) -> Result<T, Error> {
-        let span = tracing::info_span!(
-            target: "chatstate",
+        let span = op_span!(
+            INFO,
             "lock",
             chat_id = %self.chat_id,
             from = Empty,
@@ -353,8 +353,8 @@ impl<S: Store> ChatMachine<S> {
         &self,
         f: impl AsyncFnOnce(&mut ReadLocked<'_, S>) -> Result<T, Error>,
     ) -> Result<T, Error> {
-        let span = tracing::info_span!(
-            target: "chatstate",
+        let span = op_span!(
+            INFO,
             "read_lock",
             chat_id = %self.chat_id,
             from = Empty,
@@ -409,8 +409,8 @@ impl<S: Store> ChatMachine<S> {
     /// still holds the chat: [`LeaseStatus::Lost`] and
     /// [`LeaseStatus::ChatGone`] mean it must stop.
     pub async fn heartbeat(&self, runner: RunnerId) -> Result<LeaseStatus, Error> {
-        let span = tracing::debug_span!(
-            target: "chatstate",
+        let span = op_span!(
+            DEBUG,
             "heartbeat",
             chat_id = %self.chat_id,
             runner_id = %runner,
@@ -856,8 +856,8 @@ impl<'a, S: Store> Tx<'a, S> {
             }
         };
         let start = Start::of(&snap);
-        let span = tracing::info_span!(
-            target: "chatstate",
+        let span = op_span!(
+            INFO,
             "update_nested",
             chat_id = %chat,
             transitions = Empty,
@@ -1067,8 +1067,8 @@ pub async fn create_chat<S: Store>(
     input: CreateChat,
 ) -> Result<Created, Error> {
     let id = input.id.unwrap_or_else(ChatId::new_random);
-    let span = tracing::info_span!(
-        target: "chatstate",
+    let span = op_span!(
+        INFO,
         "create_chat",
         chat_id = %id,
         messages = input.messages.len(),

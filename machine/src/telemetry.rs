@@ -17,6 +17,25 @@ use tracing::Span;
 use crate::claim::Skipped;
 use crate::error::{Error, StoreErrorKind};
 
+/// A span of the machine (target `chatstate`) at `$level`, or
+/// `Span::none()` when no subscriber enables that level.
+///
+/// The level check comes first on purpose: tracing's own macros, when no
+/// subscriber was ever installed and its `log` compatibility is compiled
+/// in (sqlx turns it on), hand every disabled span's fields and every
+/// enter and exit to the `log` crate's checks, a few hundred instructions
+/// per Update for nothing. A `Span::none()` costs a branch.
+macro_rules! op_span {
+    ($level:ident, $($rest:tt)*) => {
+        if tracing::level_enabled!(tracing::Level::$level) {
+            tracing::span!(target: "chatstate", tracing::Level::$level, $($rest)*)
+        } else {
+            tracing::Span::none()
+        }
+    };
+}
+pub(crate) use op_span;
+
 /// The labels of rejected outcomes, one per rejection kind (by
 /// `RejectionKind::name`).
 const REJECTED: [&str; 14] = [
