@@ -10,6 +10,7 @@ mod common;
 mod failures;
 mod faults;
 mod listener_cancel;
+mod listener_spans;
 mod locking;
 mod misc;
 mod notify;
