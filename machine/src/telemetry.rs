@@ -22,9 +22,10 @@ use crate::error::{Error, StoreErrorKind};
 ///
 /// The level check comes first on purpose: tracing's own macros, when no
 /// subscriber was ever installed and its `log` compatibility is compiled
-/// in (sqlx turns it on), hand every disabled span's fields and every
-/// enter and exit to the `log` crate's checks, a few hundred instructions
-/// per Update for nothing. A `Span::none()` costs a branch.
+/// in (the Postgres store's database driver turns it on), hand every
+/// disabled span's fields and every enter and exit to the `log` crate's
+/// checks, a few hundred instructions per Update for nothing. A
+/// `Span::none()` costs a branch.
 macro_rules! op_span {
     ($level:ident, $($rest:tt)*) => {
         if tracing::level_enabled!(tracing::Level::$level) {
