@@ -388,13 +388,49 @@ mod tests {
         }
     }
 
-    /// Every rejection kind has its own label, and every store kind its
-    /// name.
+    /// Every rejection kind has a label of its own, and every store kind
+    /// its name.
     #[test]
     fn every_kind_is_labelled() {
-        for label in REJECTED {
-            assert!(label.starts_with("rejected:") && label.len() > "rejected:".len());
-        }
+        use chatstate_model::{MessageId, QueuedMessageId, RunnerId};
+        let call = || "call".to_owned();
+        let kinds = [
+            RejectionKind::TransitionNotAllowed { reason: None },
+            RejectionKind::InvalidState,
+            RejectionKind::ChatNotFound,
+            RejectionKind::QueuedMessageNotFound {
+                id: QueuedMessageId(1),
+            },
+            RejectionKind::MessageNotFound { id: MessageId(1) },
+            RejectionKind::EditedMessageNotUser { id: MessageId(1) },
+            RejectionKind::MessageQueueFull { max: 1 },
+            RejectionKind::ToolResultDuplicate {
+                tool_call_id: call(),
+            },
+            RejectionKind::ToolResultInvalidJson {
+                tool_call_id: call(),
+            },
+            RejectionKind::ToolResultMissing {
+                tool_call_id: call(),
+            },
+            RejectionKind::ToolResultUnexpected {
+                tool_call_id: call(),
+            },
+            RejectionKind::JsonTooDeep { depth: 2, max: 1 },
+            RejectionKind::LeaseLost {
+                expected: RunnerId(uuid::Uuid::nil()),
+                actual: None,
+            },
+            RejectionKind::HistoryChanged {
+                expected: 1,
+                actual: 2,
+            },
+        ];
+        let labels: Vec<&str> = kinds
+            .into_iter()
+            .map(|kind| outcome(Err(&rejection(kind))))
+            .collect();
+        assert_eq!(labels, REJECTED);
         assert_eq!(StoreErrorKind::OutcomeUnknown.name(), "OutcomeUnknown");
         assert_eq!(StoreErrorKind::Connection.label(), "store:Connection");
     }
