@@ -84,7 +84,7 @@ pub enum LeaseStatus {
 /// never reaches a caller.
 #[derive(Debug, thiserror::Error)]
 #[error("update skipped")]
-struct Skipped;
+pub(crate) struct Skipped;
 
 impl<S: Store> ChatMachine<S> {
     /// Like [`ChatMachine::update`], but the callback may end the Update

@@ -29,6 +29,11 @@
 //! - [`ChatMachine::observed`] attaches a [`CommitObserver`], told exactly
 //!   what every Update that tried to commit applied and how its commit
 //!   ended (the input of a linearizability check, an audit log or metrics).
+//! - Every Update, Lock, ReadLock, creation and heartbeat runs in a
+//!   `tracing` span (target `chatstate`) that records its transitions,
+//!   states, snapshot version, outcome and phase times; with the `metrics`
+//!   feature, Updates, transitions and lock waits are also counted through
+//!   the `metrics` facade (`docs/observability.md` lists every name).
 //! - [`Notify`] chooses how notifications leave: through a [`Publisher`]
 //!   after commit, or delivered by the store with the commit.
 //! - The rules themselves live in the pure `chatstate-model` crate,
@@ -85,6 +90,7 @@ mod observe;
 mod publish;
 mod retry;
 mod store;
+mod telemetry;
 
 pub use chatstate_model as model;
 pub use chatstate_model::{

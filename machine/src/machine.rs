@@ -8,8 +8,10 @@ use chatstate_model::{
     BusyBehavior, Call, Chat, ChatId, ChatRow, EditContext, Env, ExecutionState, Input, JsonText,
     Matrix, MessageId, NewChat, NewMessage, Notification, Options, OptionsError, Outcome, Owner,
     Part, QueuedMessageId, Rejection, RejectionKind, RunnerId, Snapshot, Timestamp,
-    ToolResultInput, WorkerId, after_create, after_update, decide, reasons,
+    ToolResultInput, Transition, WorkerId, after_create, after_update, decide, reasons,
 };
+use tracing::Instrument;
+use tracing::field::Empty;
 use uuid::Uuid;
 
 use crate::claim::LeaseStatus;
@@ -19,6 +21,7 @@ use crate::publish::{Notify, PublishBuffer};
 use crate::store::{
     ChatMetadata, ChatRecord, CreateOutcome, LockMode, MetadataPatch, Store, StoreTx,
 };
+use crate::telemetry::{self, Probe, op_span};
 
 /// The worker transitions, defined once for [`Tx`] (unfenced) and
 /// [`Fenced`]; each type's private `worker` method says how they apply.
@@ -185,11 +188,40 @@ impl<S: Store> ChatMachine<S> {
         &self,
         f: impl AsyncFnOnce(&mut Tx<'_, S>) -> Result<T, Error>,
     ) -> Result<T, Error> {
+        let span = op_span!(
+            INFO,
+            "update",
+            chat_id = %self.chat_id,
+            transitions = Empty,
+            from = Empty,
+            to = Empty,
+            snapshot_version = Empty,
+            outcome = Empty,
+            lock_wait_us = Empty,
+            callback_us = Empty,
+            plan_write_us = Empty,
+            commit_us = Empty,
+            publish_us = Empty,
+            round_trips = Empty,
+        );
+        let mut probe = Probe::start(span.clone());
+        let result = self.run_update(f, &mut probe).instrument(span).await;
+        probe.end_update(result.as_ref().map(|_| ()));
+        result
+    }
+
+    /// The body of [`ChatMachine::update`], inside its span.
+    async fn run_update<T>(
+        &self,
+        f: impl AsyncFnOnce(&mut Tx<'_, S>) -> Result<T, Error>,
+        probe: &mut Probe,
+    ) -> Result<T, Error> {
         self.check_options()?;
         let Some((mut stx, snap)) = self.store.begin_update(self.chat_id, &self.options).await?
         else {
             return Err(Error::ChatNotFound(self.chat_id));
         };
+        probe.locked("update", &snap);
         let mut nested = Vec::new();
         let mut poisoned = None;
         let mut changes = Vec::new();
@@ -203,8 +235,14 @@ impl<S: Store> ChatMachine<S> {
             poisoned: &mut poisoned,
             recording: self.observer.as_ref().map(|_| Recording::default()),
             changes: &mut changes,
+            applied: probe.keeps_transitions().then(Vec::new),
+            probe: &mut *probe,
         };
-        let value = match f(&mut tx).await {
+        let called = f(&mut tx).await;
+        let applied = tx.applied.take();
+        tx.probe.called_back(applied.as_deref(), &tx.snap);
+        tx.probe.accepted(applied);
+        let value = match called {
             Ok(v) => v,
             Err(e) => {
                 // The rollback's own failure is secondary: the transaction
@@ -228,7 +266,7 @@ impl<S: Store> ChatMachine<S> {
             o.before_commit(&changes);
             o
         });
-        let result = publish_with_commit(&self.notify, stx, &notes, version).await;
+        let result = publish_with_commit(&self.notify, stx, &notes, version, probe).await;
         if let Some(observer) = observer {
             observer.commit_ended(&CommitReport {
                 changes: &changes,
@@ -245,6 +283,30 @@ impl<S: Store> ChatMachine<S> {
         &self,
         f: impl AsyncFnOnce(&mut Locked<'_, S>) -> Result<T, Error>,
     ) -> Result<T, Error> {
+        let span = op_span!(
+            INFO,
+            "lock",
+            chat_id = %self.chat_id,
+            from = Empty,
+            snapshot_version = Empty,
+            outcome = Empty,
+            lock_wait_us = Empty,
+            callback_us = Empty,
+            commit_us = Empty,
+            round_trips = Empty,
+        );
+        let mut probe = Probe::start(span.clone());
+        let result = self.run_lock(f, &mut probe).instrument(span).await;
+        probe.end(result.as_ref().map(|_| ()));
+        result
+    }
+
+    /// The body of [`ChatMachine::lock`], inside its span.
+    async fn run_lock<T>(
+        &self,
+        f: impl AsyncFnOnce(&mut Locked<'_, S>) -> Result<T, Error>,
+        probe: &mut Probe,
+    ) -> Result<T, Error> {
         self.check_options()?;
         let Some((mut stx, snap)) = self
             .store
@@ -253,6 +315,7 @@ impl<S: Store> ChatMachine<S> {
         else {
             return Err(Error::ChatNotFound(self.chat_id));
         };
+        probe.locked("lock", &snap);
         let mut locked = Locked {
             view: ReadLocked {
                 stx: &mut stx,
@@ -261,7 +324,9 @@ impl<S: Store> ChatMachine<S> {
                 poisoned: None,
             },
         };
-        match f(&mut locked).await {
+        let called = f(&mut locked).await;
+        probe.lap("callback_us");
+        match called {
             // A store error the callback carried on after: as in an Update,
             // the transaction may hold part of a write and must not commit.
             Ok(_) if locked.view.poisoned.is_some() => {
@@ -270,7 +335,9 @@ impl<S: Store> ChatMachine<S> {
                 Err(poison.into_error())
             }
             Ok(v) => {
-                stx.commit(&[]).await?;
+                let committed = stx.commit(&[]).await;
+                probe.lap("commit_us");
+                committed?;
                 Ok(v)
             }
             Err(e) => {
@@ -286,6 +353,29 @@ impl<S: Store> ChatMachine<S> {
         &self,
         f: impl AsyncFnOnce(&mut ReadLocked<'_, S>) -> Result<T, Error>,
     ) -> Result<T, Error> {
+        let span = op_span!(
+            INFO,
+            "read_lock",
+            chat_id = %self.chat_id,
+            from = Empty,
+            snapshot_version = Empty,
+            outcome = Empty,
+            lock_wait_us = Empty,
+            callback_us = Empty,
+            round_trips = Empty,
+        );
+        let mut probe = Probe::start(span.clone());
+        let result = self.run_read_lock(f, &mut probe).instrument(span).await;
+        probe.end(result.as_ref().map(|_| ()));
+        result
+    }
+
+    /// The body of [`ChatMachine::read_lock`], inside its span.
+    async fn run_read_lock<T>(
+        &self,
+        f: impl AsyncFnOnce(&mut ReadLocked<'_, S>) -> Result<T, Error>,
+        probe: &mut Probe,
+    ) -> Result<T, Error> {
         self.check_options()?;
         let Some((mut stx, snap)) = self
             .store
@@ -294,6 +384,7 @@ impl<S: Store> ChatMachine<S> {
         else {
             return Err(Error::ChatNotFound(self.chat_id));
         };
+        probe.locked("read_lock", &snap);
         let mut view = ReadLocked {
             stx: &mut stx,
             chat_id: self.chat_id,
@@ -301,6 +392,7 @@ impl<S: Store> ChatMachine<S> {
             poisoned: None,
         };
         let out = f(&mut view).await;
+        probe.lap("callback_us");
         // Nothing was written: commit and rollback end the lock alike.
         let _ = stx.rollback().await;
         out
@@ -317,8 +409,30 @@ impl<S: Store> ChatMachine<S> {
     /// still holds the chat: [`LeaseStatus::Lost`] and
     /// [`LeaseStatus::ChatGone`] mean it must stop.
     pub async fn heartbeat(&self, runner: RunnerId) -> Result<LeaseStatus, Error> {
-        self.check_options()?;
-        Ok(self.store.heartbeat(self.chat_id, runner).await?)
+        let span = op_span!(
+            DEBUG,
+            "heartbeat",
+            chat_id = %self.chat_id,
+            runner_id = %runner,
+            status = Empty,
+            round_trips = Empty,
+        );
+        let result = async {
+            self.check_options()?;
+            Ok(self.store.heartbeat(self.chat_id, runner).await?)
+        }
+        .instrument(span.clone())
+        .await;
+        if !span.is_disabled() {
+            let status = match &result {
+                Ok(LeaseStatus::Held) => "held",
+                Ok(LeaseStatus::Lost { .. }) => "lost",
+                Ok(LeaseStatus::ChatGone) => "chat_gone",
+                Err(e) => telemetry::outcome(Err(e)),
+            };
+            span.record("status", status);
+        }
+        result
     }
 }
 
@@ -330,10 +444,13 @@ async fn publish_with_commit<T: StoreTx>(
     stx: T,
     notes: &[Notification],
     snapshot_version: i64,
+    probe: &mut Probe,
 ) -> Result<(), Error> {
     match notify {
         Notify::InTransaction => {
-            stx.commit(notes).await?;
+            let committed = stx.commit(notes).await;
+            probe.lap("commit_us");
+            committed?;
             Ok(())
         }
         Notify::AfterCommit(publisher) => {
@@ -343,11 +460,15 @@ async fn publish_with_commit<T: StoreTx>(
                     .publish_notification(n)
                     .expect("a fresh buffer accepts notifications");
             }
-            if let Err(e) = stx.commit(&[]).await {
+            let committed = stx.commit(&[]).await;
+            probe.lap("commit_us");
+            if let Err(e) = committed {
                 buffer.discard();
                 return Err(e.into());
             }
-            buffer.flush().map_err(|source| Error::PublishAfterCommit {
+            let flushed = buffer.flush();
+            probe.lap("publish_us");
+            flushed.map_err(|source| Error::PublishAfterCommit {
                 snapshot_version,
                 source,
             })
@@ -409,6 +530,11 @@ pub struct Tx<'a, S: Store> {
     recording: Option<Recording>,
     /// What nested Updates did, when an observer wants it.
     changes: &'a mut Vec<ChatChange>,
+    /// The accepted transitions of this chat, when a span or the metrics
+    /// want them.
+    applied: Option<Vec<Transition>>,
+    /// The Update's measurements (shared with nested Updates).
+    probe: &'a mut Probe,
 }
 
 /// What an Update's observer report needs from the locked snapshot.
@@ -500,11 +626,14 @@ impl<'a, S: Store> Tx<'a, S> {
         let edit: Option<EditContext> = match &input {
             Input::EditMessage { message_id, .. } => {
                 let context = self.stx.edit_context(self.chat_id, *message_id).await;
+                if let Err(e) = &context {
+                    telemetry::store_failed(input.transition(), e.kind);
+                }
                 Some(poison_on_error(self.poisoned, context)?)
             }
             _ => None,
         };
-        let plan = decide(
+        let decided = decide(
             &self.snap,
             &input,
             &Env {
@@ -514,8 +643,20 @@ impl<'a, S: Store> Tx<'a, S> {
                 history,
                 edit: edit.as_ref(),
             },
-        )?;
+        );
+        let plan = match decided {
+            Ok(plan) => plan,
+            Err(rejection) => {
+                telemetry::rejected(&rejection);
+                return Err(rejection.into());
+            }
+        };
+        let since = self.probe.clock();
         let assigned = self.stx.apply(self.chat_id, &plan).await;
+        self.probe.wrote_plan(since);
+        if let Err(e) = &assigned {
+            telemetry::store_failed(plan.transition, e.kind);
+        }
         let assigned = poison_on_error(self.poisoned, assigned)?;
         self.snap.apply(&plan, &assigned);
         // matrix: every landed state is in its cell. The model checker proves
@@ -529,6 +670,9 @@ impl<'a, S: Store> Tx<'a, S> {
         );
         debug_assert_eq!(self.snap.state(), plan.to);
         let outcome = plan.outcome(&assigned);
+        if let Some(applied) = &mut self.applied {
+            applied.push(plan.transition);
+        }
         if let Some(recording) = &mut self.recording {
             recording.calls.push(Call { input, fence });
             recording.outcomes.push(outcome.clone());
@@ -712,6 +856,15 @@ impl<'a, S: Store> Tx<'a, S> {
             }
         };
         let start = Start::of(&snap);
+        let span = op_span!(
+            INFO,
+            "update_nested",
+            chat_id = %chat,
+            transitions = Empty,
+            from = snap.state().as_str(),
+            to = Empty,
+            snapshot_version = snap.row.versions.snapshot,
+        );
         let mut inner = Tx {
             stx: &mut *self.stx,
             chat_id: chat,
@@ -721,8 +874,16 @@ impl<'a, S: Store> Tx<'a, S> {
             poisoned: &mut *self.poisoned,
             recording: self.recording.as_ref().map(|_| Recording::default()),
             changes: &mut *self.changes,
+            applied: self.applied.as_ref().map(|_| Vec::new()),
+            probe: &mut *self.probe,
         };
-        match f(&mut inner).await {
+        let called = f(&mut inner).instrument(span.clone()).await;
+        let applied = inner.applied.take();
+        telemetry::nested_ended(&span, applied.as_deref(), &inner.snap);
+        // Counted with the enclosing Update's outcome, which a failure
+        // here makes a rollback.
+        inner.probe.accepted(applied);
+        match called {
             Ok(v) => {
                 let notes = after_update(&inner.snap);
                 let change = inner.recording.take().map(|recording| {
@@ -906,6 +1067,32 @@ pub async fn create_chat<S: Store>(
     input: CreateChat,
 ) -> Result<Created, Error> {
     let id = input.id.unwrap_or_else(ChatId::new_random);
+    let span = op_span!(
+        INFO,
+        "create_chat",
+        chat_id = %id,
+        messages = input.messages.len(),
+        outcome = Empty,
+        commit_us = Empty,
+        publish_us = Empty,
+        round_trips = Empty,
+    );
+    let mut probe = Probe::start(span.clone());
+    let result = run_create_chat(store, notify, input, id, &mut probe)
+        .instrument(span)
+        .await;
+    probe.end(result.as_ref().map(|_| ()));
+    result
+}
+
+/// The body of [`create_chat`], inside its span.
+async fn run_create_chat<S: Store>(
+    store: &S,
+    notify: &Notify,
+    input: CreateChat,
+    id: ChatId,
+    probe: &mut Probe,
+) -> Result<Created, Error> {
     let chat = Chat::create(&NewChat {
         id,
         owner_id: input.owner_id,
@@ -918,10 +1105,11 @@ pub async fn create_chat<S: Store>(
         Notify::InTransaction => &notes,
         Notify::AfterCommit(_) => &[],
     };
-    let messages = match store
+    let created = store
         .create_chat(&chat.row, &input.metadata, &input.messages, in_tx)
-        .await?
-    {
+        .await;
+    probe.lap("commit_us");
+    let messages = match created? {
         CreateOutcome::Created(ids) => ids,
         CreateOutcome::AlreadyExists(state) => {
             return Err(Error::Rejected(Rejection {
@@ -940,7 +1128,9 @@ pub async fn create_chat<S: Store>(
                 .publish_notification(n)
                 .expect("a fresh buffer accepts notifications");
         }
-        buffer.flush().map_err(|source| Error::PublishAfterCommit {
+        let flushed = buffer.flush();
+        probe.lap("publish_us");
+        flushed.map_err(|source| Error::PublishAfterCommit {
             snapshot_version: chat.row.versions.snapshot,
             source,
         })?;

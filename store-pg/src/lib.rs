@@ -200,6 +200,16 @@ pub(crate) async fn migrate_with(conn: &mut sqlx::PgConnection) -> Result<(), St
         })
 }
 
+/// Records `n` as the `round_trips` field of the current span: the
+/// machine's span of the Update, Lock, ReadLock, chat creation or
+/// heartbeat the requests belong to (a span without the field ignores it).
+pub(crate) fn record_round_trips(n: u64) {
+    let span = tracing::Span::current();
+    if !span.is_disabled() {
+        span.record("round_trips", n);
+    }
+}
+
 /// Pool options suited to this store: every new connection prepares the
 /// statements that open transactions, and a connection is not pinged when
 /// it is checked out (the lean path counts on one round trip to open a
@@ -397,6 +407,7 @@ impl Store for PgStore {
         let tools = jsonb::encode_text(&serde_json::json!(row.dynamic_tools));
         let mut conn = self.connection().await?;
         self.round_trips.tick();
+        record_round_trips(1);
         let query = sqlx::query(sql::CREATE_CHAT)
             .bind(row.id.0)
             .bind(row.owner_id);
@@ -435,6 +446,7 @@ impl Store for PgStore {
         // The conflicting row was committed by a concurrent create after
         // this statement's snapshot was taken: read it now.
         self.round_trips.tick();
+        record_round_trips(2);
         let existing = sqlx::query(sql::CHAT_STATE)
             .bind(row.id.0)
             .fetch_optional(&mut *conn)
@@ -456,6 +468,7 @@ impl Store for PgStore {
         const CONTEXT: &str = "upsert heartbeat";
         let mut conn = self.connection().await?;
         self.round_trips.tick();
+        record_round_trips(1);
         let row = match sqlx::query(sql::HEARTBEAT)
             .bind(chat.0)
             .bind(runner.0)
@@ -537,6 +550,7 @@ impl PgStore {
         };
         let mut conn = self.connection().await?;
         self.round_trips.tick();
+        record_round_trips(1);
         let rows = query
             .fetch_all(&mut *conn)
             .await

@@ -25,12 +25,20 @@
 //! - reconnecting runs in a task of its own, so it makes progress even
 //!   if every `recv` is cancelled after a millisecond, and a later call
 //!   picks up its result.
+//!
+//! # Tracing
+//!
+//! Connecting runs in a `listener_connect` span, each reconnect in a
+//! `listener_reconnect` span (target `chatstate_store_pg`). A lost
+//! connection, a reconnect and a failed reconnect are each a `warn` event:
+//! notifications are lost in between, which an operator wants to see.
 
 use chatstate::{StoreError, StoreErrorKind};
 use chatstate_model::{ChatId, Notification, OWNERSHIP_CHANNEL, UPDATE_CHANNEL_PREFIX};
 use sqlx::PgPool;
 use sqlx::postgres::{PgListener, PgPoolOptions};
 use tokio::task::JoinHandle;
+use tracing::Instrument;
 
 use crate::error::store_error;
 
@@ -95,6 +103,16 @@ impl Drop for PgNotifyListener {
     }
 }
 
+/// Reports a lost listener connection (`error`: what the receive said, if
+/// it failed rather than ended).
+fn lost(error: Option<&StoreError>) {
+    tracing::warn!(
+        target: "chatstate_store_pg",
+        error = error.map(tracing::field::display),
+        "listener connection lost; reconnecting"
+    );
+}
+
 /// The update channel of a chat.
 pub fn update_channel(chat: ChatId) -> String {
     format!("{UPDATE_CHANNEL_PREFIX}{chat}")
@@ -118,6 +136,11 @@ impl PgNotifyListener {
     /// A listener on the database of `pool`, subscribed to nothing yet.
     /// It opens a dedicated connection with the pool's connect options.
     pub async fn connect(pool: &PgPool) -> Result<Self, StoreError> {
+        let span = tracing::info_span!(target: "chatstate_store_pg", "listener_connect");
+        Self::connect_now(pool).instrument(span).await
+    }
+
+    async fn connect_now(pool: &PgPool) -> Result<Self, StoreError> {
         let options = (*pool.connect_options())
             .clone()
             .application_name(LISTENER_APPLICATION_NAME);
@@ -205,13 +228,17 @@ impl PgNotifyListener {
                         }
                     }
                     // The connection ended: record it before any await.
-                    Ok(None) => self.state = State::Lost,
+                    Ok(None) => {
+                        self.state = State::Lost;
+                        lost(None);
+                    }
                     Err(e) => {
                         let err = store_error("receive notification", e);
                         if err.kind != StoreErrorKind::Connection {
                             return Err(err);
                         }
                         self.state = State::Lost;
+                        lost(Some(&err));
                     }
                 },
                 State::Reconnecting(task) => {
@@ -221,10 +248,20 @@ impl PgNotifyListener {
                     match done {
                         Ok(Ok(listener)) => {
                             self.state = State::Ready(listener);
+                            tracing::warn!(
+                                target: "chatstate_store_pg",
+                                channels = self.channels.len(),
+                                "listener reconnected; notifications committed meanwhile were lost"
+                            );
                             return Ok(ListenerEvent::Reconnected);
                         }
                         Ok(Err(e)) => {
                             self.state = State::Lost;
+                            tracing::warn!(
+                                target: "chatstate_store_pg",
+                                error = %e,
+                                "listener reconnect failed"
+                            );
                             return Err(e);
                         }
                         Err(join) => {
@@ -245,11 +282,19 @@ impl PgNotifyListener {
                     // is free again); connect in a task of its own.
                     let pool = self.pool.clone();
                     let channels = self.channels.clone();
-                    self.state = State::Reconnecting(tokio::spawn(async move {
-                        listen_on(&pool, &channels)
-                            .await
-                            .map_err(|e| store_error("reconnect listener", e))
-                    }));
+                    let span = tracing::info_span!(
+                        target: "chatstate_store_pg",
+                        "listener_reconnect",
+                        channels = channels.len(),
+                    );
+                    self.state = State::Reconnecting(tokio::spawn(
+                        async move {
+                            listen_on(&pool, &channels)
+                                .await
+                                .map_err(|e| store_error("reconnect listener", e))
+                        }
+                        .instrument(span),
+                    ));
                 }
             }
         }

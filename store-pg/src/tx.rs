@@ -101,6 +101,8 @@ pub struct PgTx {
     /// Where the connection goes after the transaction.
     idle: Arc<IdleConnections>,
     round_trips: RoundTrips,
+    /// Requests this transaction sent (its share of `round_trips`).
+    trips: u64,
     /// The server holds an open transaction for this handle.
     open: bool,
     /// A statement failed, so the server has aborted the transaction.
@@ -172,6 +174,7 @@ impl PgTx {
             conn: Some(conn),
             idle,
             round_trips,
+            trips: 0,
             // Set before BEGIN is sent: if this future is dropped while the
             // request is in flight, Drop must not return the connection.
             open: true,
@@ -199,7 +202,7 @@ impl PgTx {
     ) -> Result<Option<Snapshot>, StoreError> {
         const CONTEXT: &str = "lock chat and read snapshot";
         let text = sql::opening(opening, chat.0, micros(options.heartbeat_stale));
-        self.round_trips.tick();
+        self.tick();
         let rows = match sqlx::raw_sql(AssertSqlSafe(text.clone()))
             .fetch_all(&mut **self.conn())
             .await
@@ -212,7 +215,7 @@ impl PgTx {
             // set up by `pool_options` either, so it gets the isolation
             // level of chat creation and heartbeats pinned here too.
             Err(e) if is_unprepared(&e) && opening != Opening::Nested => {
-                self.round_trips.tick();
+                self.tick();
                 let names = sqlx::raw_sql(AssertSqlSafe(format!(
                     "ROLLBACK; {}; {}",
                     sql::SESSION_READ_COMMITTED,
@@ -225,7 +228,7 @@ impl PgTx {
                     .iter()
                     .map(|r| get(r, CONTEXT, "name"))
                     .collect::<Result<_, _>>()?;
-                self.round_trips.tick();
+                self.tick();
                 prepare(self.conn(), &names)
                     .await
                     .map_err(|e| self.failed(CONTEXT, e))?;
@@ -274,6 +277,12 @@ impl PgTx {
         Ok(Some(snap))
     }
 
+    /// Counts one request sent on this transaction's connection.
+    fn tick(&mut self) {
+        self.round_trips.tick();
+        self.trips += 1;
+    }
+
     /// The connection (present until the handle is dropped).
     fn conn(&mut self) -> &mut PoolConnection<Postgres> {
         self.conn
@@ -287,7 +296,7 @@ impl PgTx {
         context: &'static str,
         text: String,
     ) -> Result<Vec<PgRow>, StoreError> {
-        self.round_trips.tick();
+        self.tick();
         sqlx::raw_sql(AssertSqlSafe(text))
             .fetch_all(&mut **self.conn())
             .await
@@ -322,12 +331,13 @@ impl PgTx {
 
     /// `ROLLBACK`; afterwards the connection may go back to the pool.
     async fn rollback_now(&mut self, context: &'static str) -> Result<(), StoreError> {
-        self.round_trips.tick();
+        self.tick();
         sqlx::raw_sql("ROLLBACK")
             .execute(&mut **self.conn())
             .await
             .map_err(|e| store_error(context, e))?;
         self.open = false;
+        crate::record_round_trips(self.trips);
         Ok(())
     }
 }
@@ -529,7 +539,7 @@ impl StoreTx for PgTx {
             .bind(single.and_then(|m| m.model_config_id))
             .bind(single.and_then(|m| m.created_by))
             .bind(row.last_model_config_id);
-        self.round_trips.tick();
+        self.tick();
         let result = query.fetch_all(&mut **self.conn()).await;
         let rows = result.map_err(|e| self.failed(CONTEXT, e))?;
         // The plan was decided on the snapshot this transaction locked, so
@@ -615,7 +625,7 @@ impl StoreTx for PgTx {
     ) -> Result<EditContext, StoreError> {
         const CONTEXT: &str = "read edit context";
         self.require_locked(chat, CONTEXT)?;
-        self.round_trips.tick();
+        self.tick();
         let row = sqlx::query(sql::EDIT_CONTEXT)
             .bind(chat.0)
             .bind(message.0)
@@ -655,19 +665,19 @@ impl StoreTx for PgTx {
     async fn load(&mut self, chat: ChatId) -> Result<ChatRecord, StoreError> {
         const CONTEXT: &str = "load chat";
         self.require_locked(chat, CONTEXT)?;
-        self.round_trips.tick();
+        self.tick();
         let row = sqlx::query(sql::LOAD_ROW)
             .bind(chat.0)
             .fetch_one(&mut **self.conn())
             .await
             .map_err(|e| self.failed(CONTEXT, e))?;
-        self.round_trips.tick();
+        self.tick();
         let queue = sqlx::query(sql::LOAD_QUEUE)
             .bind(chat.0)
             .fetch_all(&mut **self.conn())
             .await
             .map_err(|e| self.failed(CONTEXT, e))?;
-        self.round_trips.tick();
+        self.tick();
         let history = sqlx::query(sql::LOAD_HISTORY)
             .bind(chat.0)
             .fetch_all(&mut **self.conn())
@@ -711,7 +721,7 @@ impl StoreTx for PgTx {
             .metadata
             .as_ref()
             .and_then(|m| m.as_ref().map(stored_json));
-        self.round_trips.tick();
+        self.tick();
         let done = sqlx::query(sql::WRITE_METADATA)
             .bind(chat.0)
             .bind(patch.title.as_deref().map(jsonb::encode_str))
@@ -749,7 +759,9 @@ impl StoreTx for PgTx {
         }
         text.push_str(&notifications);
         text.push_str("COMMIT");
-        match self.simple(CONTEXT, text).await {
+        let committed = self.simple(CONTEXT, text).await;
+        crate::record_round_trips(self.trips);
+        match committed {
             Ok(_) => {
                 self.open = false;
                 Ok(())

@@ -18,6 +18,8 @@ use tokio::sync::mpsc;
 use tokio::task::{self, JoinError, JoinSet};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use tracing::field::Empty;
 
 use crate::handler::{Handler, Released};
 use crate::hints::HintEvent;
@@ -154,7 +156,7 @@ impl<S: Store, H: Handler<S>> ClaimLoop<S, H> {
         let runner = RunnerId::new_random();
         let id = self
             .tasks
-            .spawn(chat_task(self.shared.clone(), chat, runner, source))
+            .spawn(chat_task(self.shared.clone(), chat, runner, source).in_current_span())
             .id();
         self.slots.insert(id, Slot { chat, runner });
         self.held.insert(chat);
@@ -190,11 +192,22 @@ impl<S: Store, H: Handler<S>> ClaimLoop<S, H> {
         }
         self.sweep_due = false;
         let counters = self.shared.counters.clone();
+        let span = tracing::debug_span!(
+            target: "chatstate_worker",
+            "sweep",
+            free,
+            found = Empty,
+            round_trips = Empty,
+        );
         let found = self
             .shared
             .store
             .claimable(&self.shared.options, free)
+            .instrument(span.clone())
             .await;
+        if let Ok(chats) = &found {
+            span.record("found", chats.len());
+        }
         // Counted once the query has answered, so that whoever reads the
         // counters knows what this sweep saw is settled.
         bump(&counters.sweeps);
@@ -268,6 +281,9 @@ async fn chat_task<S: Store, H: Handler<S>>(
         match shared.store.claimable_among(&[chat], &shared.options).await {
             Ok(found) if found.is_empty() => {
                 bump(&counters.claims_skipped);
+                #[cfg(feature = "metrics")]
+                metrics::counter!("chatstate_worker_claims_total", "outcome" => "skipped")
+                    .increment(1);
                 return quiet;
             }
             // Claimable, or the check failed: the claim decides.
@@ -275,24 +291,49 @@ async fn chat_task<S: Store, H: Handler<S>>(
         }
     }
     let machine = shared.machine(chat);
-    let snapshot = match machine.try_acquire(shared.worker, runner).await {
-        Ok(Claim::Won { snapshot }) => {
-            bump(&counters.claims_won);
-            snapshot
-        }
-        Ok(Claim::Held { .. }) => {
-            bump(&counters.claims_held);
-            return quiet;
-        }
-        Ok(Claim::NotRunnable { .. }) => {
-            bump(&counters.claims_not_runnable);
-            return quiet;
-        }
-        Ok(_) | Err(_) => {
-            bump(&counters.claims_failed);
-            return quiet;
-        }
+    let span = tracing::info_span!(
+        target: "chatstate_worker",
+        "claim",
+        chat_id = %chat,
+        runner_id = %runner,
+        outcome = Empty,
+    );
+    let claimed = machine
+        .try_acquire(shared.worker, runner)
+        .instrument(span.clone())
+        .await;
+    let (counter, outcome) = match &claimed {
+        Ok(Claim::Won { .. }) => (&counters.claims_won, "won"),
+        Ok(Claim::Held { .. }) => (&counters.claims_held, "held"),
+        Ok(Claim::NotRunnable { .. }) => (&counters.claims_not_runnable, "not_runnable"),
+        Ok(_) | Err(_) => (&counters.claims_failed, "failed"),
     };
+    bump(counter);
+    span.record("outcome", outcome);
+    #[cfg(feature = "metrics")]
+    metrics::counter!("chatstate_worker_claims_total", "outcome" => outcome).increment(1);
+    let Ok(Claim::Won { snapshot }) = claimed else {
+        return quiet;
+    };
+    let span = tracing::info_span!(
+        target: "chatstate_worker",
+        "lease",
+        chat_id = %chat,
+        runner_id = %runner,
+        released = Empty,
+    );
+    hold(shared, chat, runner, snapshot).instrument(span).await
+}
+
+/// Holds a won chat: starts its lease, runs the handler, releases it.
+async fn hold<S: Store, H: Handler<S>>(
+    shared: Arc<Shared<S, H>>,
+    chat: ChatId,
+    runner: RunnerId,
+    snapshot: chatstate::Snapshot,
+) -> ChatEnd {
+    let counters = &shared.counters;
+    let machine = shared.machine(chat);
     let owner = Owner {
         worker_id: shared.worker,
         runner_id: runner,
@@ -311,7 +352,17 @@ async fn chat_task<S: Store, H: Handler<S>>(
     } else {
         shared.handler.handle(&lease).await
     };
+    tracing::Span::current().record("released", released_name(released));
     release(&lease, released).await
+}
+
+/// How a lease span shows a [`Released`].
+fn released_name(released: Released) -> &'static str {
+    match released {
+        Released::Finished => "finished",
+        Released::Errored => "errored",
+        Released::HandBack => "hand_back",
+    }
 }
 
 /// Writes what the handler's [`Released`] asks for.

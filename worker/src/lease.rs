@@ -11,7 +11,7 @@
 //! lease simply goes stale. Heartbeats report whether the runner still
 //! holds the lease; when one finds it lost, or an Update fails with
 //! `LeaseLost`, [`Lease::lost`] resolves so a long generation can stop
-//! early.
+//! early, and a `warn` event says why (target `chatstate_worker`).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -25,6 +25,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
+use tracing::Instrument;
 
 use crate::stats::{Counters, bump};
 
@@ -46,6 +47,28 @@ pub struct Lease<S: Store> {
     heartbeat: Mutex<Option<AbortOnDrop>>,
     heartbeat_stopped: watch::Receiver<()>,
     counters: Arc<Counters>,
+    /// Counts this lease in the leases-held gauge while it lives.
+    _held: Held,
+}
+
+/// One lease in the `chatstate_worker_leases_held` gauge, from its start
+/// until it is dropped (nothing without the `metrics` feature).
+#[derive(Debug)]
+struct Held;
+
+impl Held {
+    fn new() -> Self {
+        #[cfg(feature = "metrics")]
+        metrics::gauge!("chatstate_worker_leases_held").increment(1.0);
+        Held
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        #[cfg(feature = "metrics")]
+        metrics::gauge!("chatstate_worker_leases_held").decrement(1.0);
+    }
 }
 
 impl<S: Store> std::fmt::Debug for Lease<S> {
@@ -59,18 +82,31 @@ impl<S: Store> std::fmt::Debug for Lease<S> {
     }
 }
 
-/// Resolves [`Lease::lost`] once, counting the loss once.
+/// Resolves [`Lease::lost`] once, counting and reporting the loss once.
 #[derive(Debug)]
 struct LostSignal {
     token: CancellationToken,
     counted: AtomicBool,
     counters: Arc<Counters>,
+    owner: Owner,
+    chat: ChatId,
 }
 
 impl LostSignal {
-    fn lose(&self) {
+    /// The lease is gone; `cause` says how this runner found out.
+    fn lose(&self, cause: &'static str) {
         if !self.counted.swap(true, Ordering::SeqCst) {
             bump(&self.counters.leases_lost);
+            tracing::warn!(
+                target: "chatstate_worker",
+                chat_id = %self.chat,
+                worker_id = %self.owner.worker_id,
+                runner_id = %self.owner.runner_id,
+                cause,
+                "lease lost"
+            );
+            #[cfg(feature = "metrics")]
+            metrics::counter!("chatstate_worker_leases_lost_total").increment(1);
         }
         self.token.cancel();
     }
@@ -101,16 +137,22 @@ impl<S: Store> Lease<S> {
             token: CancellationToken::new(),
             counted: AtomicBool::new(false),
             counters: counters.clone(),
+            owner,
+            chat: machine.chat_id(),
         });
         let (alive, heartbeat_stopped) = watch::channel(());
-        let task = tokio::spawn(heartbeat(
-            machine.clone(),
-            owner.runner_id,
-            heartbeat_interval,
-            signal.clone(),
-            counters.clone(),
-            alive,
-        ));
+        // In the span of whoever holds the lease (the runtime's lease span).
+        let task = tokio::spawn(
+            heartbeat(
+                machine.clone(),
+                owner.runner_id,
+                heartbeat_interval,
+                signal.clone(),
+                counters.clone(),
+                alive,
+            )
+            .in_current_span(),
+        );
         Lease {
             history: Mutex::new(Some(claimed.row.versions.history)),
             machine,
@@ -122,6 +164,7 @@ impl<S: Store> Lease<S> {
             heartbeat: Mutex::new(Some(AbortOnDrop(task))),
             heartbeat_stopped,
             counters,
+            _held: Held::new(),
         }
     }
 
@@ -169,7 +212,7 @@ impl<S: Store> Lease<S> {
             }
         };
         if record.row.owner != Some(self.owner) && !self.is_released() {
-            self.signal.lose();
+            self.signal.lose("a load found another owner");
         }
         let mut history = self.history.lock().expect("history expectation");
         if history.is_some() {
@@ -241,15 +284,16 @@ impl<S: Store> Lease<S> {
 
     /// Resolves [`Lease::lost`] if `e` says the lease is gone.
     pub(crate) fn learn(&self, e: &Error) {
-        let gone = match e {
-            Error::ChatNotFound(_) => true,
+        let cause = match e {
+            Error::ChatNotFound(_) => Some("the chat is gone"),
             e => matches!(
                 e.rejection().map(|r| &r.kind),
                 Some(RejectionKind::LeaseLost { .. })
-            ),
+            )
+            .then_some("a fenced update was rejected with LeaseLost"),
         };
-        if gone {
-            self.signal.lose();
+        if let Some(cause) = cause {
+            self.signal.lose(cause);
         }
     }
 
@@ -363,8 +407,12 @@ async fn heartbeat<S: Store>(
         match machine.heartbeat(runner).await {
             Ok(LeaseStatus::Held) => bump(&counters.heartbeats),
             // Lost to another runner or to nobody, or the chat is gone.
+            Ok(LeaseStatus::Lost { .. }) => {
+                signal.lose("a heartbeat found another owner or none");
+                return;
+            }
             Ok(_) | Err(Error::ChatNotFound(_)) => {
-                signal.lose();
+                signal.lose("a heartbeat found the chat gone");
                 return;
             }
             // A store failure: try again on the next tick. If the lease goes

@@ -32,7 +32,11 @@
 //!   workers. Dropping the [`Runtime`] is a crash: nothing is written, the
 //!   leases go stale.
 //! - [`Stats`] counts claims won and lost, heartbeats, leases lost and
-//!   chats handed back.
+//!   chats handed back. The runtime, its sweeps, claims and leases run in
+//!   `tracing` spans (target `chatstate_worker`), a lost lease is a `warn`
+//!   event, and with the `metrics` feature claims, lost leases and the
+//!   leases held are also reported through the `metrics` facade
+//!   (`docs/observability.md`).
 //!
 //! `docs/workers.md` describes the guarantees and failure cases.
 //!

@@ -10,6 +10,7 @@ use chatstate::{CommitObserver, Notify, Options, Store, WorkerId};
 use tokio::sync::mpsc;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::claim::{ClaimLoop, Shared};
 use crate::handler::Handler;
@@ -237,7 +238,17 @@ impl<S: Store, H: Handler<S>> Builder<S, H> {
             counters: counters.clone(),
             observer: self.observer,
         });
-        let main = tokio::spawn(ClaimLoop::new(shared, self.capacity, rx, sources).run());
+        let span = tracing::info_span!(
+            target: "chatstate_worker",
+            "worker",
+            worker_id = %self.worker,
+            capacity = self.capacity,
+        );
+        let main = tokio::spawn(
+            ClaimLoop::new(shared, self.capacity, rx, sources)
+                .run()
+                .instrument(span),
+        );
         Ok(Runtime {
             worker: self.worker,
             timing,

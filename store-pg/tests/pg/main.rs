@@ -11,6 +11,7 @@ mod failures;
 mod faults;
 mod inspection;
 mod listener_cancel;
+mod listener_spans;
 mod locking;
 mod migration_tooling;
 mod misc;

@@ -1,6 +1,7 @@
 //! The worker runtime, on both stores: claims shared by two runtimes,
 //! recovery after a crash, graceful shutdown, and fencing of a handler
-//! whose lease or history moved on.
+//! whose lease or history moved on, and what the runtime tells tracing
+//! and metrics.
 
 #[macro_use]
 mod backend;
@@ -13,3 +14,4 @@ mod fencing;
 mod hints;
 mod observed;
 mod shutdown;
+mod telemetry;
