@@ -11,8 +11,9 @@
 use chatstate_model::{ExecutionState, Owner, RunnerId, Snapshot, WorkerId};
 
 use crate::error::Error;
-use crate::machine::{ChatMachine, Tx};
+use crate::machine::ChatMachine;
 use crate::store::Store;
+use crate::tx::Tx;
 
 /// What a claim attempt found ([`ChatMachine::try_acquire`]).
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -84,13 +84,16 @@
 //! ```
 
 mod claim;
+mod create;
 mod error;
+mod locked;
 mod machine;
 mod observe;
 mod publish;
 mod retry;
 mod store;
 mod telemetry;
+mod tx;
 
 pub use chatstate_model as model;
 pub use chatstate_model::{
@@ -100,8 +103,10 @@ pub use chatstate_model::{
     ToolResultInput, Transition, Versions, Visibility, WorkerId,
 };
 pub use claim::{Claim, Ending, LeaseStatus};
+pub use create::{CreateChat, Created, create_chat};
 pub use error::{CommitState, Error, FlushError, PublishError, StoreError, StoreErrorKind};
-pub use machine::{ChatMachine, CreateChat, Created, Fenced, Locked, ReadLocked, Tx, create_chat};
+pub use locked::{Locked, ReadLocked};
+pub use machine::ChatMachine;
 pub use observe::{ChatChange, CommitObserver, CommitReport};
 pub use publish::{
     BroadcastPublisher, HighWaterMark, Notify, PublishBuffer, Published, Publisher,
@@ -111,3 +116,4 @@ pub use retry::RetryPolicy;
 pub use store::{
     ChatMetadata, ChatRecord, CreateOutcome, LockMode, MetadataPatch, Store, StoreTx, TestControl,
 };
+pub use tx::{Fenced, Tx};

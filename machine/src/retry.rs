@@ -14,8 +14,9 @@ use std::hash::{BuildHasher, Hasher};
 use std::time::Duration;
 
 use crate::error::Error;
-use crate::machine::{ChatMachine, Tx};
+use crate::machine::ChatMachine;
 use crate::store::Store;
+use crate::tx::Tx;
 
 /// How often and how patiently [`ChatMachine::update_with_retry`] tries.
 ///
