@@ -179,14 +179,16 @@ impl<S: Store> ChatMachine<S> {
             return Err(poison.into_error());
         }
         let own = after_update(&snap);
-        let mut notes = nested;
-        notes.extend(own.iter().cloned());
         let version = snap.row.versions.snapshot;
+        // The observer's copy of the notifications is made only when there
+        // is an observer.
         let observer = self.observer.as_ref().zip(recording).map(|(o, recording)| {
-            changes.insert(0, start.change(self.chat_id, recording, snap, own));
+            changes.insert(0, start.change(self.chat_id, recording, snap, own.clone()));
             o.before_commit(&changes);
             o
         });
+        let mut notes = nested;
+        notes.extend(own);
         let result = publish_with_commit(&self.notify, stx, &notes, version, probe).await;
         if let Some(observer) = observer {
             observer.commit_ended(&CommitReport {
