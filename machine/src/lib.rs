@@ -103,7 +103,7 @@ pub use chatstate_model::{
     ToolResultInput, Transition, Versions, Visibility, WorkerId,
 };
 pub use claim::{Claim, Ending, LeaseStatus};
-pub use create::{CreateChat, Created, create_chat};
+pub use create::{CreateChat, Created, CreatedPending, PreparedChat, create_chat};
 pub use error::{CommitState, Error, FlushError, PublishError, StoreError, StoreErrorKind};
 pub use locked::{Locked, ReadLocked};
 pub use machine::ChatMachine;

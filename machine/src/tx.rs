@@ -219,6 +219,50 @@ impl<'a, S: Store> Tx<'a, S> {
         &self.snap.row
     }
 
+    /// The store's own transaction, for store-specific extensions: the
+    /// application's writes to its own tables, committed or rolled back
+    /// with the transitions of this Update.
+    ///
+    /// This is the one door to the store besides the transitions, and it
+    /// exists for what the machine cannot know about: the application's
+    /// billing rows, its outbox, its audit trail. Each store documents what
+    /// its transaction offers (`chatstate-store-pg`: the open connection
+    /// and statements deferred to the commit; `chatstate-store-mem`: hooks
+    /// run at commit) and the rules: the chat tables stay writable through
+    /// transitions alone, and the store must never let a failed
+    /// application write commit silently (see `docs/transactions.md`).
+    ///
+    /// Inside a nested Update this is the same transaction.
+    ///
+    /// ```
+    /// # use chatstate::{ChatMachine, CreateChat, NewMessage, Options, RecordingPublisher, create_chat};
+    /// # use chatstate_store_mem::MemStore;
+    /// # use std::sync::{Arc, atomic::{AtomicU64, Ordering}};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), chatstate::Error> {
+    /// # let store = MemStore::new();
+    /// # let publisher = Arc::new(RecordingPublisher::new());
+    /// # let created = create_chat(&store, &publisher.clone().into(), CreateChat {
+    /// #     messages: vec![NewMessage::user("hello")], ..CreateChat::default() }).await?;
+    /// let chat = ChatMachine::new(store, publisher, created.chat_id, Options::default());
+    /// let tokens_billed = Arc::new(AtomicU64::new(0));
+    /// let billed = tokens_billed.clone();
+    /// chat.update(async |tx| {
+    ///     tx.commit_step(vec![NewMessage::assistant("hi")], false).await?;
+    ///     // Runs only if, and when, this Update commits.
+    ///     tx.store_tx_mut().on_commit(move || {
+    ///         billed.fetch_add(42, Ordering::SeqCst);
+    ///     });
+    ///     Ok(())
+    /// }).await?;
+    /// assert_eq!(tokens_billed.load(Ordering::SeqCst), 42);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn store_tx_mut(&mut self) -> &mut S::Tx {
+        self.stx
+    }
+
     /// Applies one transition.
     ///
     /// The model decides it against the current snapshot (validation order:

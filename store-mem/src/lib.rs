@@ -363,6 +363,7 @@ impl MemStore {
             locks: Vec::new(),
             undo: Vec::new(),
             open: true,
+            hooks: Vec::new(),
         }
     }
 }
@@ -462,7 +463,12 @@ pub struct MemTx {
     locks: Vec<(ChatId, Arc<Slot>, Guard)>,
     undo: Vec<Undo>,
     open: bool,
+    /// The application's hooks, run at commit (see [`MemTx::on_commit`]).
+    hooks: Vec<CommitHook>,
 }
+
+/// An application's write, run when its transaction commits.
+type CommitHook = Box<dyn FnOnce() + Send>;
 
 impl std::fmt::Debug for MemTx {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -474,6 +480,47 @@ impl std::fmt::Debug for MemTx {
 }
 
 impl MemTx {
+    /// Registers the application's own write to run when this transaction
+    /// commits: exactly once if it commits, never if it rolls back (an
+    /// error, a rejected Update, a dropped future, a failed commit).
+    ///
+    /// It is the in-memory counterpart of the Postgres store's statements
+    /// in an Update's transaction (reached through
+    /// [`chatstate::Tx::store_tx_mut`]). Hooks run in registration order
+    /// inside the commit, after the chat's changes are final and before
+    /// its row locks are released: whoever reads the chat under its lock
+    /// (an Update, a Lock, a ReadLock) after the commit also sees what the
+    /// hooks wrote, and whoever sees what a hook wrote and then locks the
+    /// chat sees the committed chat. A hook cannot fail and must not block
+    /// or call back into the store (it would wait on the row locks it runs
+    /// under); it should only move the application's in-memory state.
+    ///
+    /// ```
+    /// # use chatstate::{ChatMachine, CreateChat, NewMessage, Options, RecordingPublisher, create_chat};
+    /// # use chatstate_store_mem::MemStore;
+    /// # use std::sync::{Arc, Mutex};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), chatstate::Error> {
+    /// # let store = MemStore::new();
+    /// # let publisher = Arc::new(RecordingPublisher::new());
+    /// # let created = create_chat(&store, &publisher.clone().into(), CreateChat {
+    /// #     messages: vec![NewMessage::user("hello")], ..CreateChat::default() }).await?;
+    /// let chat = ChatMachine::new(store, publisher, created.chat_id, Options::default());
+    /// let outbox: Arc<Mutex<Vec<String>>> = Arc::default();
+    /// let out = outbox.clone();
+    /// let refused = chat.update(async |tx| {
+    ///     tx.store_tx_mut().on_commit(move || out.lock().unwrap().push("archived".into()));
+    ///     tx.set_archived(true).await // rejected: the chat is running
+    /// }).await;
+    /// assert!(refused.is_err());
+    /// assert!(outbox.lock().unwrap().is_empty(), "rolled back: the hook never ran");
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn on_commit(&mut self, hook: impl FnOnce() + Send + 'static) {
+        self.hooks.push(Box::new(hook));
+    }
+
     fn held(&self, chat: ChatId, exclusive: bool) -> Result<&Arc<Slot>, StoreError> {
         self.locks
             .iter()
@@ -908,6 +955,11 @@ impl StoreTx for MemTx {
                 let mut d = slot.data.lock().expect("chat data");
                 d.committed_owner = d.row.owner;
             }
+        }
+        // The application's writes, under the row locks still held: atomic
+        // with the chat's change for every reader that locks the chat.
+        for hook in std::mem::take(&mut self.hooks) {
+            hook();
         }
         // Deliver before the row locks are released, so notifications of
         // one chat leave in commit order.

@@ -117,6 +117,12 @@ pub struct PgTx {
     xid: Option<i64>,
     /// Resolves a commit whose connection was lost.
     resolver: Resolver,
+    /// The application was handed the connection ([`PgTx::connection`]):
+    /// the commit checks that the transaction is still this one and alive.
+    lent: bool,
+    /// The application's statements deferred to the commit message
+    /// ([`PgTx::defer`]), each ending with `; `.
+    deferred: String,
 }
 
 /// The snapshot version of an exclusively locked chat: as stored (in this
@@ -157,6 +163,76 @@ impl Drop for PgTx {
     }
 }
 
+/// The application's own statements in this transaction (see
+/// [`crate::shared`] for the rules and `docs/transactions.md` for a worked
+/// example).
+impl PgTx {
+    /// The connection of this open transaction, to run the application's
+    /// own statements on its own tables in the same database transaction
+    /// as the Update's transitions: committed with them, rolled back with
+    /// them. Reach it inside an Update with
+    /// [`chatstate::Tx::store_tx_mut`].
+    ///
+    /// Every statement costs its own round trip (the store's
+    /// [`crate::PgStore::round_trips`] does not count them);
+    /// [`PgTx::defer`] costs none.
+    ///
+    /// Rules, checked where they can be:
+    /// - Only the application's tables. The chat tables are written
+    ///   through transitions alone; a write to them here bypasses the
+    ///   matrix and the versions. The store notices some such writes (a
+    ///   later plan that finds other rows than it was decided on fails
+    ///   with [`crate::PgStoreFault::PlanMismatch`] and the Update rolls
+    ///   back) but not all of them.
+    /// - A failed statement aborts the Postgres transaction. Return its
+    ///   error from the callback (map it with [`crate::app_error`]) and
+    ///   the Update rolls back. If the callback swallows it, the commit
+    ///   finds the transaction aborted and fails with
+    ///   [`crate::PgStoreFault::TransactionAborted`]: nothing commits,
+    ///   nothing is published.
+    /// - Never end the transaction here (`COMMIT`, `ROLLBACK`, sqlx's
+    ///   `begin()` on this connection, which sends a second `BEGIN` and a
+    ///   `COMMIT`). The commit checks that the transaction it opened is
+    ///   still open; if not, it sends nothing more and fails with
+    ///   [`crate::PgStoreFault::TransactionEndedByCaller`], an unknown
+    ///   outcome. Savepoints (`SAVEPOINT`, `ROLLBACK TO SAVEPOINT`) are
+    ///   fine.
+    pub fn connection(&mut self) -> &mut sqlx::PgConnection {
+        self.lent = true;
+        &mut **self.conn()
+    }
+
+    /// Defers one of the application's statements to the commit: it is
+    /// sent in the commit's own message, after the transitions' writes and
+    /// before `COMMIT`, so it costs no round trip. Its results are not
+    /// returned, and it takes no bind parameters (the commit message is a
+    /// simple query): inline values with [`crate::sql_literal`]. The
+    /// statement text is a [`sqlx::SqlSafeStr`], as for sqlx's own
+    /// queries: a `&'static str`, or text the caller vouches for with
+    /// [`sqlx::AssertSqlSafe`].
+    ///
+    /// If it fails (a unique violation, say), Postgres runs nothing after
+    /// it, `COMMIT` included: the Update fails with that error
+    /// ([`chatstate::CommitState::NotCommitted`]) and nothing of it
+    /// commits. The rules of [`PgTx::connection`] apply.
+    pub fn defer(&mut self, statement: impl sqlx::SqlSafeStr) {
+        self.deferred
+            .push_str(statement.into_sql_str().as_str().trim_end());
+        self.deferred.push_str(";\n");
+    }
+
+    /// The statement the commit message carries when the application
+    /// wrote in this transaction: it fails with
+    /// [`sql::ENDED_BY_CALLER`] if the transaction is no longer the one
+    /// this handle opened (the application ended it), and with 25P02 if
+    /// a failed statement aborted it (which `COMMIT` alone would turn
+    /// into a silent rollback).
+    fn guard(&self) -> Option<String> {
+        let xid = self.xid?;
+        (self.lent || !self.deferred.is_empty()).then(|| sql::same_transaction(xid))
+    }
+}
+
 impl PgTx {
     /// Opens a transaction on `chat` with one simple query and returns the
     /// snapshot; `None` when the chat does not exist, with no transaction
@@ -183,6 +259,8 @@ impl PgTx {
             locked: Vec::new(),
             xid: None,
             resolver,
+            lent: false,
+            deferred: String::new(),
         };
         match tx.lock(opening, chat, options).await? {
             Some(snap) => Ok(Some((tx, snap))),
@@ -339,6 +417,19 @@ impl PgTx {
         self.open = false;
         crate::record_round_trips(self.trips);
         Ok(())
+    }
+}
+
+/// What a failed commit message means when it carried the application's
+/// statements: the guard's own failures become this store's faults, any
+/// other error (an application statement's, a lost connection) stays as
+/// it is. The transaction never committed in the first two cases; the
+/// handle stays open, so its connection is closed rather than reused.
+fn guard_failure(context: &'static str, e: StoreError) -> StoreError {
+    match crate::error::sqlstate(&e).as_deref() {
+        Some(sql::ENDED_BY_CALLER) => PgStoreFault::TransactionEndedByCaller.into_store(context),
+        Some("25P02") => PgStoreFault::TransactionAborted.into_store(context),
+        _ => e,
     }
 }
 
@@ -757,10 +848,22 @@ impl StoreTx for PgTx {
         for v in self.exclusive.iter().filter(|v| v.stored != v.target) {
             text.push_str(&sql::set_version(v.chat.0, v.target));
         }
+        // The application's deferred statements, then the check that the
+        // transaction is still this one and alive: a failure in either
+        // stops the message before COMMIT.
+        text.push_str(&self.deferred);
+        let guarded = self.guard();
+        if let Some(guard) = &guarded {
+            text.push_str(guard);
+        }
         text.push_str(&notifications);
         text.push_str("COMMIT");
         let committed = self.simple(CONTEXT, text).await;
         crate::record_round_trips(self.trips);
+        let committed = match committed {
+            Err(e) if guarded.is_some() => Err(guard_failure(CONTEXT, e)),
+            other => other,
+        };
         match committed {
             Ok(_) => {
                 self.open = false;

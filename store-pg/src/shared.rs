@@ -1,0 +1,213 @@
+//! The application's writes in chatstate's transactions, and chatstate's
+//! writes in the application's.
+//!
+//! Both directions put the application's own rows (billing, an outbox, an
+//! audit trail) and the chat's change in one Postgres transaction, so they
+//! commit or roll back together:
+//!
+//! - **In an Update**: [`chatstate::Tx::store_tx_mut`] hands the callback
+//!   the [`PgTx`](crate::PgTx), which offers the open connection
+//!   ([`PgTx::connection`](crate::PgTx::connection), one round trip per
+//!   statement) and statements deferred into the commit message
+//!   ([`PgTx::defer`](crate::PgTx::defer), no round trip at all).
+//! - **Creating a chat in the application's transaction**:
+//!   [`create_chat_in`] inserts the chat on a connection whose transaction
+//!   the application opened and commits itself.
+//!
+//! The chat tables stay writable through transitions alone, and a failed
+//! application statement can never let a half of the transaction commit:
+//! see [`PgTx::connection`](crate::PgTx::connection) for the rules and
+//! `docs/transactions.md` for a worked example.
+
+use chatstate::{
+    ChatMetadata, CreateChat, CreateOutcome, CreatedPending, Error, Notify, StoreError,
+};
+use chatstate_model::{ChatRow, ExecutionState, MessageId, NewMessage, Notification, ToolState};
+use sqlx::PgConnection;
+
+use crate::decode::get;
+use crate::error::{PgStoreFault, store_error};
+use crate::tx::{self, bind_row, message_json, stored_json, tool_state_json};
+use crate::{classify, jsonb, sql};
+
+/// The machine error for a failed application statement in an Update's
+/// transaction: a store error classified like the store's own (a unique
+/// violation is [`chatstate::StoreErrorKind::Data`], a lost connection
+/// [`chatstate::StoreErrorKind::Connection`] and retryable, ...). Return
+/// it from the Update's callback and the Update rolls back.
+pub fn app_error(e: sqlx::Error) -> Error {
+    Error::Store(store_error("application statement", e))
+}
+
+/// Quotes text as a Postgres string literal, for the values of a
+/// statement given to [`PgTx::defer`](crate::PgTx::defer) (which takes
+/// no bind parameters). Text holding a NUL byte, which Postgres text
+/// cannot carry, is refused.
+pub fn sql_literal(text: &str) -> Result<String, PgStoreFault> {
+    tx::quote_literal(text)
+}
+
+/// Creates a chat inside a transaction the application opened on `conn`
+/// (an `&mut *` of a [`sqlx::Transaction`], or a connection after
+/// `BEGIN`): the chat and whatever else the application writes in that
+/// transaction commit together, when the application commits.
+///
+/// The creation's notifications (a `chat:update` and an ownership hint)
+/// must not leave before that commit, and must never leave if the
+/// application rolls back:
+///
+/// - with [`Notify::InTransaction`] they are issued with `pg_notify` in
+///   the application's transaction, which Postgres delivers at its commit
+///   and drops on rollback; [`CreatedPending::notifications`] is empty;
+/// - with [`Notify::AfterCommit`] nothing is published here: they are
+///   returned in [`CreatedPending::notifications`], and the application
+///   calls [`CreatedPending::publish`] once its commit has succeeded.
+///
+/// A chat with the same id is a rejection, as for
+/// [`chatstate::create_chat`]; nothing was written and the application's
+/// transaction stays usable. Any other failure is a store error after
+/// which the application's transaction is aborted: roll it back. (A lost
+/// connection means it did not commit: the application had not committed
+/// yet.)
+///
+/// ```no_run
+/// # use chatstate::{CreateChat, NewMessage, Notify};
+/// # async fn f(pool: sqlx::PgPool) -> Result<(), Box<dyn std::error::Error>> {
+/// let mut tx = pool.begin().await?;
+/// let pending = chatstate_store_pg::create_chat_in(&mut tx, &Notify::InTransaction,
+///     CreateChat { messages: vec![NewMessage::user("hello")], ..CreateChat::default() },
+/// ).await?;
+/// sqlx::query("INSERT INTO conversations (chat_id) VALUES ($1)")
+///     .bind(pending.created.chat_id.0)
+///     .execute(&mut *tx)
+///     .await?;
+/// tx.commit().await?; // the chat, the application's row and the notifications
+/// # Ok(())
+/// # }
+/// ```
+pub async fn create_chat_in(
+    conn: &mut PgConnection,
+    notify: &Notify,
+    input: CreateChat,
+) -> Result<CreatedPending, Error> {
+    const CONTEXT: &str = "create chat in the application's transaction";
+    let prepared = input.prepare()?;
+    let in_tx: &[Notification] = match notify {
+        Notify::InTransaction => &prepared.notifications,
+        Notify::AfterCommit(_) => &[],
+    };
+    let outcome = insert_chat(
+        conn,
+        CONTEXT,
+        &prepared.row,
+        &prepared.metadata,
+        &prepared.messages,
+        in_tx,
+    )
+    .await?;
+    let outcome = match outcome {
+        Inserted::Done(outcome) => outcome,
+        Inserted::Raced => {
+            CreateOutcome::AlreadyExists(chat_state(conn, CONTEXT, &prepared.row).await?)
+        }
+    };
+    let mut created = prepared.created(outcome)?;
+    if matches!(notify, Notify::InTransaction) {
+        created.notifications.clear();
+    }
+    Ok(created)
+}
+
+/// What [`insert_chat`] found.
+pub(crate) enum Inserted {
+    /// Created, or found existing in the statement's snapshot.
+    Done(CreateOutcome),
+    /// The id conflicted with a chat committed after the statement's
+    /// snapshot was taken: read its state with [`chat_state`].
+    Raced,
+}
+
+/// Inserts a chat and its initial history in one statement on `conn`
+/// (the caller's transaction, or an implicit one), issuing `notify` with
+/// `pg_notify` in the same transaction when the row was created.
+pub(crate) async fn insert_chat(
+    conn: &mut PgConnection,
+    context: &'static str,
+    row: &ChatRow,
+    metadata: &ChatMetadata,
+    messages: &[NewMessage],
+    notify: &[Notification],
+) -> Result<Inserted, StoreError> {
+    let mut channels = Vec::with_capacity(notify.len());
+    let mut payloads = Vec::with_capacity(notify.len());
+    for n in notify {
+        // The same checks as an Update's commit, before anything is sent.
+        tx::notify_statements(std::slice::from_ref(n))
+            .map_err(|fault| fault.into_store(context))?;
+        channels.push(n.channel());
+        payloads.push(String::from_utf8(n.payload()).expect("notify_statements checked UTF-8"));
+    }
+    // The tool bookkeeping of the initial history, kept on the row from
+    // now on (every later change of the history comes with a plan).
+    let tool_state = tool_state_json(&ToolState::from_history(
+        messages.iter().map(|m| (m.role, m.content.as_slice())),
+    ));
+    let messages =
+        serde_json::Value::Array(messages.iter().map(message_json).collect()).to_string();
+    let labels = jsonb::encode_text(&serde_json::json!(metadata.labels));
+    let tools = jsonb::encode_text(&serde_json::json!(row.dynamic_tools));
+    let query = sqlx::query(sql::CREATE_CHAT)
+        .bind(row.id.0)
+        .bind(row.owner_id);
+    let out = bind_row(query, row)
+        .bind(tools)
+        .bind(row.last_model_config_id)
+        .bind(jsonb::encode_str(&metadata.title))
+        .bind(labels)
+        .bind(metadata.metadata.as_ref().map(stored_json))
+        .bind(messages)
+        .bind(row.versions.snapshot)
+        .bind(channels)
+        .bind(payloads)
+        .bind(tool_state)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(|e| store_error(context, e))?;
+    let created: i64 = get(&out, context, "created")?;
+    if created == 1 {
+        let ids: Vec<i64> = get(&out, context, "message_ids")?;
+        return Ok(Inserted::Done(CreateOutcome::Created(
+            ids.into_iter().map(MessageId).collect(),
+        )));
+    }
+    match get::<Option<String>>(&out, context, "status")? {
+        Some(status) => Ok(Inserted::Done(CreateOutcome::AlreadyExists(classify(
+            &status,
+            get(&out, context, "archived")?,
+            get(&out, context, "queued")?,
+        )))),
+        None => Ok(Inserted::Raced),
+    }
+}
+
+/// The state of an existing chat, read after a creation lost a race.
+pub(crate) async fn chat_state(
+    conn: &mut PgConnection,
+    context: &'static str,
+    row: &ChatRow,
+) -> Result<ExecutionState, StoreError> {
+    let existing = sqlx::query(sql::CHAT_STATE)
+        .bind(row.id.0)
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(|e| store_error(context, e))?;
+    Ok(match existing {
+        Some(r) => classify(
+            &get::<String>(&r, context, "status")?,
+            get(&r, context, "archived")?,
+            get(&r, context, "queued")?,
+        ),
+        // Created and deleted again in between; deletion is not ours.
+        None => ExecutionState::N,
+    })
+}
