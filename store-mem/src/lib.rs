@@ -20,7 +20,8 @@
 //! connection lost after `COMMIT` was sent does on a real database.
 //! Notifications given to a commit ([`Notify::InTransaction`](chatstate::Notify))
 //! go out on the store's own bus ([`MemStore::subscribe`]) at the moment of
-//! commit, in commit order per chat.
+//! commit, in commit order per chat. The application's own writes ride
+//! along as hooks run inside the commit ([`MemTx::on_commit`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};

@@ -28,6 +28,10 @@
 //! - [`migrate`] applies the embedded schema migrations.
 //! - [`PgNotifyListener`] receives the notifications as typed
 //!   [`chatstate_model::Notification`]s and reports reconnects.
+//! - [`PgTx::connection`] and [`PgTx::defer`] run the application's own
+//!   statements in an Update's transaction (reached with
+//!   [`chatstate::Tx::store_tx_mut`]), and [`create_chat_in`] creates a
+//!   chat in the application's transaction (`docs/transactions.md`).
 //! - [`throwaway`] starts a disposable Postgres cluster for tests, the test
 //!   suites of other crates and the CLI.
 //!

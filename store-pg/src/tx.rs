@@ -163,9 +163,8 @@ impl Drop for PgTx {
     }
 }
 
-/// The application's own statements in this transaction (see
-/// [`crate::shared`] for the rules and `docs/transactions.md` for a worked
-/// example).
+/// The application's own statements in this transaction (the rules are
+/// on [`PgTx::connection`], a worked example in `docs/transactions.md`).
 impl PgTx {
     /// The connection of this open transaction, to run the application's
     /// own statements on its own tables in the same database transaction
@@ -199,7 +198,7 @@ impl PgTx {
     ///   fine.
     pub fn connection(&mut self) -> &mut sqlx::PgConnection {
         self.lent = true;
-        &mut **self.conn()
+        self.conn()
     }
 
     /// Defers one of the application's statements to the commit: it is

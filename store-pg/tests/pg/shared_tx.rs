@@ -152,7 +152,7 @@ async fn the_application_row_is_there_exactly_when_the_step_is() {
                 tx.commit_step(vec![NewMessage::assistant("step")], false)
                     .await?;
                 match then {
-                    Then::Commit => bill(tx, via, &format!("{label}")).await,
+                    Then::Commit => bill(tx, via, &label).await,
                     Then::CallbackFails => {
                         bill(tx, via, &label).await?;
                         Err(Error::callback("the application changed its mind"))
