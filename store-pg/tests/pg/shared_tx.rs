@@ -152,7 +152,8 @@ async fn the_application_row_is_there_exactly_when_the_step_is() {
                 tx.commit_step(vec![NewMessage::assistant("step")], false)
                     .await?;
                 match then {
-                    Then::Commit => bill(tx, via, &label).await,
+                    // A quote in the value: inlined deferred, it must be quoted.
+                    Then::Commit => bill(tx, via, &format!("{label}'s step")).await,
                     Then::CallbackFails => {
                         bill(tx, via, &label).await?;
                         Err(Error::callback("the application changed its mind"))
