@@ -217,3 +217,56 @@ async fn a_dropped_update_never_runs_its_hook() {
         .unwrap();
     assert!(log.lock().unwrap().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_under_the_chat_lock_sees_the_step_and_its_row_together() {
+    let store = MemStore::new();
+    let id = chat(&store).await;
+    let m = ChatMachine::new(
+        store.clone(),
+        Arc::new(RecordingPublisher::new()),
+        id,
+        Options::default(),
+    );
+    let billing = Billing::default();
+    const STEPS: usize = 200;
+    let writer = {
+        let (m, billing) = (m.clone(), billing.clone());
+        tokio::spawn(async move {
+            for n in 0..STEPS {
+                m.update(async |tx| {
+                    tx.commit_step(vec![NewMessage::assistant("step")], false)
+                        .await?;
+                    bill(tx, &billing, &format!("step {n}"))
+                })
+                .await
+                .unwrap();
+            }
+        })
+    };
+    // Every read under the chat's lock, taken while the writer commits,
+    // finds as many billing rows as committed steps.
+    loop {
+        let (steps, rows) = m
+            .read_lock(async |r| {
+                let steps = r
+                    .load()
+                    .await?
+                    .active_history()
+                    .filter(|m| m.role == Role::Assistant)
+                    .count();
+                Ok((steps, billing.lock().unwrap().len()))
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            steps, rows,
+            "a step without its row, or a row without its step"
+        );
+        if steps == STEPS {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    writer.await.unwrap();
+}
