@@ -215,9 +215,11 @@ impl PgTx {
     /// ([`chatstate::CommitState::NotCommitted`]) and nothing of it
     /// commits. The rules of [`PgTx::connection`] apply.
     pub fn defer(&mut self, statement: impl sqlx::SqlSafeStr) {
+        // The separator on a line of its own: a statement ending in a `--`
+        // comment must not swallow it.
         self.deferred
             .push_str(statement.into_sql_str().as_str().trim_end());
-        self.deferred.push_str(";\n");
+        self.deferred.push_str("\n;\n");
     }
 
     /// The statement the commit message carries when the application

@@ -72,7 +72,8 @@ async fn bill(tx: &mut Tx<'_, PgStore>, via: Via, step: &str) -> Result<(), Erro
         }
         Via::Deferred => {
             let text = format!(
-                "INSERT INTO billing (step, chat_id, tokens) VALUES ({}, '{}', 42)",
+                // The trailing comment must not swallow what follows.
+                "INSERT INTO billing (step, chat_id, tokens) VALUES ({}, '{}', 42) -- at commit",
                 sql_literal(step).unwrap(),
                 chat.0
             );
