@@ -19,9 +19,10 @@
 //!   failure that rolled it back for a transient cause
 //!   ([`Error::is_retryable`]), under a [`RetryPolicy`].
 //! - [`create_chat`] creates a chat (N -> R0).
-//! - [`Tx::store_tx_mut`] lets the application's own writes (its billing
-//!   rows, an outbox) share an Update's transaction, through what each
-//!   store offers on its transaction; [`CreateChat::prepare`] lets a store
+//! - [`Tx::app`] lets the application's own writes (its billing rows, an
+//!   outbox) share an Update's transaction, through the narrow handle each
+//!   store offers for them ([`StoreTx::App`]), which cannot reach the
+//!   store's own writes; [`CreateChat::prepare`] lets a store
 //!   create a chat in the application's transaction.
 //! - Workers find chats that need one with [`Store::claimable`], take them
 //!   with [`ChatMachine::try_acquire`] (a losing [`Claim`] commits nothing),

@@ -131,7 +131,8 @@ pub(crate) fn poison_on_error<T>(
 }
 
 /// The transaction of an Update: one method per transition, the current
-/// snapshot, and a metadata view. There is no other access to the store, so
+/// snapshot, a metadata view, and the store's handle for the application's
+/// own writes ([`Tx::app`]). There is no other access to the store, so
 /// execution state can only change through transitions.
 pub struct Tx<'a, S: Store> {
     pub(crate) stx: &'a mut S::Tx,
@@ -219,18 +220,19 @@ impl<'a, S: Store> Tx<'a, S> {
         &self.snap.row
     }
 
-    /// The store's own transaction, for store-specific extensions: the
-    /// application's writes to its own tables, committed or rolled back
-    /// with the transitions of this Update.
+    /// The application's handle on this Update's transaction, for its own
+    /// writes (its billing rows, its outbox, its audit trail), committed
+    /// or rolled back with the transitions of this Update.
     ///
-    /// This is the one door to the store besides the transitions, and it
-    /// exists for what the machine cannot know about: the application's
-    /// billing rows, its outbox, its audit trail. Each store documents what
-    /// its transaction offers (`chatstate-store-pg`: the open connection
-    /// and statements deferred to the commit; `chatstate-store-mem`: hooks
-    /// run at commit) and the rules: the chat tables stay writable through
-    /// transitions alone, and the store must never let a failed
-    /// application write commit silently (see `docs/transactions.md`).
+    /// The handle is the store's [`StoreTx::App`], not the store's
+    /// transaction: it offers what the application needs and nothing that
+    /// writes a plan, a chat row or metadata, so execution state still
+    /// changes only through transitions. Each store documents its handle
+    /// (`chatstate-store-pg`: `PgApp`, the open connection for the
+    /// application's tables and statements deferred to the commit;
+    /// `chatstate-store-mem`: `MemApp`, hooks run at commit) and the
+    /// rules, among them that a failed application write never commits
+    /// silently (see `docs/transactions.md`).
     ///
     /// Inside a nested Update this is the same transaction.
     ///
@@ -250,7 +252,7 @@ impl<'a, S: Store> Tx<'a, S> {
     /// chat.update(async |tx| {
     ///     tx.commit_step(vec![NewMessage::assistant("hi")], false).await?;
     ///     // Runs only if, and when, this Update commits.
-    ///     tx.store_tx_mut().on_commit(move || {
+    ///     tx.app().on_commit(move || {
     ///         billed.fetch_add(42, Ordering::SeqCst);
     ///     });
     ///     Ok(())
@@ -259,8 +261,35 @@ impl<'a, S: Store> Tx<'a, S> {
     /// # Ok(())
     /// # }
     /// ```
-    pub fn store_tx_mut(&mut self) -> &mut S::Tx {
-        self.stx
+    ///
+    /// The store transaction's own methods are out of reach: a plan the
+    /// model did not decide cannot be written through the handle,
+    ///
+    /// ```compile_fail,E0599
+    /// # use chatstate::{Error, StoreTx, Tx, model::Plan};
+    /// # use chatstate_store_mem::MemStore;
+    /// async fn bypass(tx: &mut Tx<'_, MemStore>, plan: &Plan) -> Result<(), Error> {
+    ///     let chat = tx.chat_id();
+    ///     tx.app().apply(chat, plan).await?; // no method `apply` on the handle
+    ///     Ok(())
+    /// }
+    /// ```
+    ///
+    /// nor metadata written past [`Tx::write_metadata`], even naming the
+    /// trait:
+    ///
+    /// ```compile_fail,E0277
+    /// # use chatstate::{Error, MetadataPatch, StoreTx, Tx};
+    /// # use chatstate_store_mem::MemStore;
+    /// async fn bypass(tx: &mut Tx<'_, MemStore>) -> Result<(), Error> {
+    ///     let chat = tx.chat_id();
+    ///     // The handle is not a `StoreTx`.
+    ///     StoreTx::write_metadata(&mut tx.app(), chat, &MetadataPatch::default()).await?;
+    ///     Ok(())
+    /// }
+    /// ```
+    pub fn app(&mut self) -> <S::Tx as StoreTx>::App<'_> {
+        self.stx.app()
     }
 
     /// Applies one transition.

@@ -21,7 +21,7 @@
 //! Notifications given to a commit ([`Notify::InTransaction`](chatstate::Notify))
 //! go out on the store's own bus ([`MemStore::subscribe`]) at the moment of
 //! commit, in commit order per chat. The application's own writes ride
-//! along as hooks run inside the commit ([`MemTx::on_commit`]).
+//! along as hooks run inside the commit ([`MemApp::on_commit`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
@@ -41,7 +41,10 @@ use tokio::sync::{OwnedRwLockReadGuard, OwnedRwLockWriteGuard, RwLock, broadcast
 
 use crate::locks::{Holding, LockTable, TxId};
 
+mod app;
 mod locks;
+
+pub use app::MemApp;
 
 /// Store time for the in-memory store: a base instant plus an offset that
 /// tests can advance.
@@ -464,7 +467,7 @@ pub struct MemTx {
     locks: Vec<(ChatId, Arc<Slot>, Guard)>,
     undo: Vec<Undo>,
     open: bool,
-    /// The application's hooks, run at commit (see [`MemTx::on_commit`]).
+    /// The application's hooks, run at commit (see [`MemApp::on_commit`]).
     hooks: Vec<CommitHook>,
 }
 
@@ -481,47 +484,6 @@ impl std::fmt::Debug for MemTx {
 }
 
 impl MemTx {
-    /// Registers the application's own write to run when this transaction
-    /// commits: exactly once if it commits, never if it rolls back (an
-    /// error, a rejected Update, a dropped future, a failed commit).
-    ///
-    /// It is the in-memory counterpart of the Postgres store's statements
-    /// in an Update's transaction (reached through
-    /// [`chatstate::Tx::store_tx_mut`]). Hooks run in registration order
-    /// inside the commit, after the chat's changes are final and before
-    /// its row locks are released: whoever reads the chat under its lock
-    /// (an Update, a Lock, a ReadLock) after the commit also sees what the
-    /// hooks wrote, and whoever sees what a hook wrote and then locks the
-    /// chat sees the committed chat. A hook cannot fail and must not block
-    /// or call back into the store (it would wait on the row locks it runs
-    /// under); it should only move the application's in-memory state.
-    ///
-    /// ```
-    /// # use chatstate::{ChatMachine, CreateChat, NewMessage, Options, RecordingPublisher, create_chat};
-    /// # use chatstate_store_mem::MemStore;
-    /// # use std::sync::{Arc, Mutex};
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), chatstate::Error> {
-    /// # let store = MemStore::new();
-    /// # let publisher = Arc::new(RecordingPublisher::new());
-    /// # let created = create_chat(&store, &publisher.clone().into(), CreateChat {
-    /// #     messages: vec![NewMessage::user("hello")], ..CreateChat::default() }).await?;
-    /// let chat = ChatMachine::new(store, publisher, created.chat_id, Options::default());
-    /// let outbox: Arc<Mutex<Vec<String>>> = Arc::default();
-    /// let out = outbox.clone();
-    /// let refused = chat.update(async |tx| {
-    ///     tx.store_tx_mut().on_commit(move || out.lock().unwrap().push("archived".into()));
-    ///     tx.set_archived(true).await // rejected: the chat is running
-    /// }).await;
-    /// assert!(refused.is_err());
-    /// assert!(outbox.lock().unwrap().is_empty(), "rolled back: the hook never ran");
-    /// # Ok(())
-    /// # }
-    /// ```
-    pub fn on_commit(&mut self, hook: impl FnOnce() + Send + 'static) {
-        self.hooks.push(Box::new(hook));
-    }
-
     fn held(&self, chat: ChatId, exclusive: bool) -> Result<&Arc<Slot>, StoreError> {
         self.locks
             .iter()
@@ -752,6 +714,12 @@ impl Inner {
 }
 
 impl StoreTx for MemTx {
+    type App<'a> = MemApp<'a>;
+
+    fn app(&mut self) -> MemApp<'_> {
+        MemApp::new(self)
+    }
+
     async fn apply(&mut self, chat: ChatId, plan: &Plan) -> Result<Assigned, StoreError> {
         self.inner.call("apply plan")?;
         let slot = self.held(chat, true)?.clone();

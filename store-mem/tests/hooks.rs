@@ -1,7 +1,7 @@
 //! The application's writes at commit on the in-memory store
-//! (`MemTx::on_commit`): a billing row kept beside a committed step is
-//! there exactly when the step is, and the hook runs once on commit, never
-//! on rollback.
+//! (`MemApp::on_commit`, reached with `Tx::app`): a billing row kept
+//! beside a committed step is there exactly when the step is, and the hook
+//! runs once on commit, never on rollback.
 
 use std::sync::{Arc, Mutex};
 
@@ -36,7 +36,7 @@ fn bill(tx: &mut Tx<'_, MemStore>, billing: &Billing, step: &str) -> Result<(), 
         return Err(Error::callback(format!("step {step} is billed already")));
     }
     let (billing, step) = (billing.clone(), step.to_owned());
-    tx.store_tx_mut()
+    tx.app()
         .on_commit(move || billing.lock().unwrap().push(step));
     Ok(())
 }
@@ -160,12 +160,12 @@ async fn hooks_run_once_in_order_at_the_outer_commit_of_nested_updates() {
     let seen_during = Arc::new(Mutex::new(None));
     let seen = seen_during.clone();
     m.update(async |tx| {
-        tx.store_tx_mut()
+        tx.app()
             .on_commit(move || a.lock().unwrap().push("outer".into()));
         tx.update_nested(inner, async |n| {
             n.commit_step(vec![NewMessage::assistant("nested")], false)
                 .await?;
-            n.store_tx_mut()
+            n.app()
                 .on_commit(move || b.lock().unwrap().push("nested".into()));
             Ok(())
         })
@@ -201,7 +201,7 @@ async fn a_dropped_update_never_runs_its_hook() {
     let m2 = m.clone();
     let task = tokio::spawn(async move {
         m2.update(async move |tx| {
-            tx.store_tx_mut()
+            tx.app()
                 .on_commit(move || l.lock().unwrap().push("never".into()));
             entered_tx.send(()).unwrap();
             std::future::pending::<()>().await;

@@ -28,9 +28,9 @@
 //! - [`migrate`] applies the embedded schema migrations.
 //! - [`PgNotifyListener`] receives the notifications as typed
 //!   [`chatstate_model::Notification`]s and reports reconnects.
-//! - [`PgTx::connection`] and [`PgTx::defer`] run the application's own
-//!   statements in an Update's transaction (reached with
-//!   [`chatstate::Tx::store_tx_mut`]), and [`create_chat_in`] creates a
+//! - [`PgApp::connection`] and [`PgApp::defer`] run the application's own
+//!   statements in an Update's transaction (the handle
+//!   [`chatstate::Tx::app`] returns), and [`create_chat_in`] creates a
 //!   chat in the application's transaction (`docs/transactions.md`).
 //! - [`throwaway`] starts a disposable Postgres cluster for tests, the test
 //!   suites of other crates and the CLI.
@@ -112,7 +112,7 @@ pub use inspect::{ChatFilter, inspect_chat, list_chats};
 pub use listen::{LISTENER_APPLICATION_NAME, ListenerEvent, PgNotifyListener, update_channel};
 pub use migrations::{MigrationStatus, migration_status, pending_sql};
 pub use resolve::CommitLost;
-pub use shared::{app_error, create_chat_in, sql_literal};
+pub use shared::{PgApp, app_error, create_chat_in, sql_literal};
 pub use tx::PgTx;
 
 use crate::decode::get;

@@ -5,19 +5,19 @@
 //! audit trail) and the chat's change in one Postgres transaction, so they
 //! commit or roll back together:
 //!
-//! - **In an Update**: [`chatstate::Tx::store_tx_mut`] hands the callback
-//!   the [`PgTx`](crate::PgTx), which offers the open connection
-//!   ([`PgTx::connection`](crate::PgTx::connection), one round trip per
-//!   statement) and statements deferred into the commit message
-//!   ([`PgTx::defer`](crate::PgTx::defer), no round trip at all).
+//! - **In an Update**: [`chatstate::Tx::app`] hands the callback a
+//!   [`PgApp`], which offers the open connection ([`PgApp::connection`],
+//!   one round trip per statement) and statements deferred into the commit
+//!   message ([`PgApp::defer`], no round trip at all), and none of the
+//!   store transaction's own methods.
 //! - **Creating a chat in the application's transaction**:
 //!   [`create_chat_in`] inserts the chat on a connection whose transaction
 //!   the application opened and commits itself.
 //!
 //! The chat tables stay writable through transitions alone, and a failed
 //! application statement can never let a half of the transaction commit:
-//! see [`PgTx::connection`](crate::PgTx::connection) for the rules and
-//! `docs/transactions.md` for a worked example.
+//! see [`PgApp::connection`] for the rules and `docs/transactions.md` for
+//! a worked example.
 
 use chatstate::{
     ChatMetadata, CreateChat, CreateOutcome, CreatedPending, Error, Notify, StoreError,
@@ -27,8 +27,96 @@ use sqlx::PgConnection;
 
 use crate::decode::get;
 use crate::error::{PgStoreFault, store_error};
-use crate::tx::{self, bind_row, message_json, stored_json, tool_state_json};
+use crate::tx::{self, PgTx, bind_row, message_json, stored_json, tool_state_json};
 use crate::{classify, jsonb, sql};
+
+/// What the application may do in an Update's transaction on Postgres
+/// ([`chatstate::StoreTx::App`] of [`PgTx`]), reached with
+/// [`chatstate::Tx::app`]: run statements on its own tables on the open
+/// connection, or defer them to the commit.
+///
+/// The handle borrows the transaction but offers none of its methods (no
+/// plan, no chat row, no metadata, no nested lock): those stay with the
+/// Update's transitions. The connection it lends is for the application's
+/// tables only, like any other connection the application has; see
+/// [`PgApp::connection`] for the rules.
+///
+/// ```compile_fail,E0599
+/// # use chatstate::{Error, MetadataPatch, StoreTx, Tx};
+/// # use chatstate_store_pg::PgStore;
+/// async fn bypass(tx: &mut Tx<'_, PgStore>) -> Result<(), Error> {
+///     let chat = tx.chat_id();
+///     // No `write_metadata` (nor `apply`, `load`, `begin_nested`) here.
+///     tx.app().write_metadata(chat, &MetadataPatch::default()).await?;
+///     Ok(())
+/// }
+/// ```
+pub struct PgApp<'a> {
+    tx: &'a mut PgTx,
+}
+
+impl std::fmt::Debug for PgApp<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgApp").field("tx", &self.tx).finish()
+    }
+}
+
+impl<'a> PgApp<'a> {
+    pub(crate) fn new(tx: &'a mut PgTx) -> Self {
+        PgApp { tx }
+    }
+
+    /// The connection of this open transaction, to run the application's
+    /// own statements on its own tables in the same database transaction
+    /// as the Update's transitions: committed with them, rolled back with
+    /// them.
+    ///
+    /// Every statement costs its own round trip (the store's
+    /// [`crate::PgStore::round_trips`] does not count them);
+    /// [`PgApp::defer`] costs none.
+    ///
+    /// Rules, checked where they can be:
+    /// - Only the application's tables, as on any other connection the
+    ///   application has. The chat tables are written through transitions
+    ///   alone; a write to them here bypasses the matrix and the versions.
+    ///   The store notices some such writes (a later plan that finds other
+    ///   rows than it was decided on fails with
+    ///   [`crate::PgStoreFault::PlanMismatch`] and the Update rolls back)
+    ///   but not all of them.
+    /// - A failed statement aborts the Postgres transaction. Return its
+    ///   error from the callback (map it with [`crate::app_error`]) and
+    ///   the Update rolls back. If the callback swallows it, the commit
+    ///   finds the transaction aborted and fails with
+    ///   [`crate::PgStoreFault::TransactionAborted`]: nothing commits,
+    ///   nothing is published.
+    /// - Never end the transaction here (`COMMIT`, `ROLLBACK`, sqlx's
+    ///   `begin()` on this connection, which sends a second `BEGIN` and a
+    ///   `COMMIT`). The commit checks that the transaction it opened is
+    ///   still open; if not, it sends nothing more and fails with
+    ///   [`crate::PgStoreFault::TransactionEndedByCaller`], an unknown
+    ///   outcome. Savepoints (`SAVEPOINT`, `ROLLBACK TO SAVEPOINT`) are
+    ///   fine.
+    pub fn connection(&mut self) -> &mut PgConnection {
+        self.tx.lend_connection()
+    }
+
+    /// Defers one of the application's statements to the commit: it is
+    /// sent in the commit's own message, after the transitions' writes and
+    /// before `COMMIT`, so it costs no round trip. Its results are not
+    /// returned, and it takes no bind parameters (the commit message is a
+    /// simple query): inline values with [`crate::sql_literal`]. The
+    /// statement text is a [`sqlx::SqlSafeStr`], as for sqlx's own
+    /// queries: a `&'static str`, or text the caller vouches for with
+    /// [`sqlx::AssertSqlSafe`].
+    ///
+    /// If it fails (a unique violation, say), Postgres runs nothing after
+    /// it, `COMMIT` included: the Update fails with that error
+    /// ([`chatstate::CommitState::NotCommitted`]) and nothing of it
+    /// commits. The rules of [`PgApp::connection`] apply.
+    pub fn defer(&mut self, statement: impl sqlx::SqlSafeStr) {
+        self.tx.defer(statement);
+    }
+}
 
 /// The machine error for a failed application statement in an Update's
 /// transaction: a store error classified like the store's own (a unique
@@ -40,7 +128,7 @@ pub fn app_error(e: sqlx::Error) -> Error {
 }
 
 /// Quotes text as a Postgres string literal, for the values of a
-/// statement given to [`PgTx::defer`](crate::PgTx::defer) (which takes
+/// statement given to [`PgApp::defer`] (which takes
 /// no bind parameters). Text holding a NUL byte, which Postgres text
 /// cannot carry, is refused.
 pub fn sql_literal(text: &str) -> Result<String, PgStoreFault> {

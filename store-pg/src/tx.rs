@@ -117,11 +117,12 @@ pub struct PgTx {
     xid: Option<i64>,
     /// Resolves a commit whose connection was lost.
     resolver: Resolver,
-    /// The application was handed the connection ([`PgTx::connection`]):
-    /// the commit checks that the transaction is still this one and alive.
+    /// The application was handed the connection
+    /// ([`crate::PgApp::connection`]): the commit checks that the
+    /// transaction is still this one and alive.
     lent: bool,
     /// The application's statements deferred to the commit message
-    /// ([`PgTx::defer`]), each ending with `; `.
+    /// ([`crate::PgApp::defer`]), each followed by a `;` line.
     deferred: String,
 }
 
@@ -163,58 +164,20 @@ impl Drop for PgTx {
     }
 }
 
-/// The application's own statements in this transaction (the rules are
-/// on [`PgTx::connection`], a worked example in `docs/transactions.md`).
+/// The application's own statements in this transaction, through
+/// [`crate::PgApp`] (the rules are there, a worked example in
+/// `docs/transactions.md`).
 impl PgTx {
-    /// The connection of this open transaction, to run the application's
-    /// own statements on its own tables in the same database transaction
-    /// as the Update's transitions: committed with them, rolled back with
-    /// them. Reach it inside an Update with
-    /// [`chatstate::Tx::store_tx_mut`].
-    ///
-    /// Every statement costs its own round trip (the store's
-    /// [`crate::PgStore::round_trips`] does not count them);
-    /// [`PgTx::defer`] costs none.
-    ///
-    /// Rules, checked where they can be:
-    /// - Only the application's tables. The chat tables are written
-    ///   through transitions alone; a write to them here bypasses the
-    ///   matrix and the versions. The store notices some such writes (a
-    ///   later plan that finds other rows than it was decided on fails
-    ///   with [`crate::PgStoreFault::PlanMismatch`] and the Update rolls
-    ///   back) but not all of them.
-    /// - A failed statement aborts the Postgres transaction. Return its
-    ///   error from the callback (map it with [`crate::app_error`]) and
-    ///   the Update rolls back. If the callback swallows it, the commit
-    ///   finds the transaction aborted and fails with
-    ///   [`crate::PgStoreFault::TransactionAborted`]: nothing commits,
-    ///   nothing is published.
-    /// - Never end the transaction here (`COMMIT`, `ROLLBACK`, sqlx's
-    ///   `begin()` on this connection, which sends a second `BEGIN` and a
-    ///   `COMMIT`). The commit checks that the transaction it opened is
-    ///   still open; if not, it sends nothing more and fails with
-    ///   [`crate::PgStoreFault::TransactionEndedByCaller`], an unknown
-    ///   outcome. Savepoints (`SAVEPOINT`, `ROLLBACK TO SAVEPOINT`) are
-    ///   fine.
-    pub fn connection(&mut self) -> &mut sqlx::PgConnection {
+    /// The open transaction's connection, lent to the application: from
+    /// now on the commit checks that the transaction is still this one
+    /// and alive.
+    pub(crate) fn lend_connection(&mut self) -> &mut sqlx::PgConnection {
         self.lent = true;
         self.conn()
     }
 
-    /// Defers one of the application's statements to the commit: it is
-    /// sent in the commit's own message, after the transitions' writes and
-    /// before `COMMIT`, so it costs no round trip. Its results are not
-    /// returned, and it takes no bind parameters (the commit message is a
-    /// simple query): inline values with [`crate::sql_literal`]. The
-    /// statement text is a [`sqlx::SqlSafeStr`], as for sqlx's own
-    /// queries: a `&'static str`, or text the caller vouches for with
-    /// [`sqlx::AssertSqlSafe`].
-    ///
-    /// If it fails (a unique violation, say), Postgres runs nothing after
-    /// it, `COMMIT` included: the Update fails with that error
-    /// ([`chatstate::CommitState::NotCommitted`]) and nothing of it
-    /// commits. The rules of [`PgTx::connection`] apply.
-    pub fn defer(&mut self, statement: impl sqlx::SqlSafeStr) {
+    /// Appends one of the application's statements to the commit message.
+    pub(crate) fn defer(&mut self, statement: impl sqlx::SqlSafeStr) {
         // The separator on a line of its own: a statement ending in a `--`
         // comment must not swallow it.
         self.deferred
@@ -560,6 +523,12 @@ fn writes_nothing(plan: &Plan) -> bool {
 }
 
 impl StoreTx for PgTx {
+    type App<'a> = crate::PgApp<'a>;
+
+    fn app(&mut self) -> crate::PgApp<'_> {
+        crate::PgApp::new(self)
+    }
+
     async fn apply(&mut self, chat: ChatId, plan: &Plan) -> Result<Assigned, StoreError> {
         const CONTEXT: &str = "apply plan";
         let versioned = self.require_exclusive(chat, CONTEXT)?;

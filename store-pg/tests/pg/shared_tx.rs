@@ -66,7 +66,7 @@ async fn bill(tx: &mut Tx<'_, PgStore>, via: Via, step: &str) -> Result<(), Erro
             sqlx::query("INSERT INTO billing (step, chat_id, tokens) VALUES ($1, $2, 42)")
                 .bind(step)
                 .bind(chat.0)
-                .execute(tx.store_tx_mut().connection())
+                .execute(tx.app().connection())
                 .await
                 .map_err(app_error)?;
         }
@@ -77,7 +77,7 @@ async fn bill(tx: &mut Tx<'_, PgStore>, via: Via, step: &str) -> Result<(), Erro
                 sql_literal(step).unwrap(),
                 chat.0
             );
-            tx.store_tx_mut().defer(AssertSqlSafe(text));
+            tx.app().defer(AssertSqlSafe(text));
         }
     }
     Ok(())
@@ -272,7 +272,7 @@ async fn an_application_commit_on_the_lent_connection_makes_the_outcome_unknown(
                 .await?;
             bill(tx, Via::Connection, "step").await?;
             sqlx::raw_sql("COMMIT")
-                .execute(tx.store_tx_mut().connection())
+                .execute(tx.app().connection())
                 .await
                 .map_err(app_error)?;
             Ok(())
