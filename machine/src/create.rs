@@ -10,8 +10,8 @@ use tracing::Instrument;
 use tracing::field::Empty;
 use uuid::Uuid;
 
-use crate::error::Error;
-use crate::publish::{Notify, PublishBuffer};
+use crate::error::{Error, FlushError};
+use crate::publish::{Notify, Publisher};
 use crate::store::{ChatMetadata, CreateOutcome, Store};
 use crate::telemetry::{Probe, op_span};
 
@@ -93,51 +93,120 @@ async fn run_create_chat<S: Store>(
     id: ChatId,
     probe: &mut Probe,
 ) -> Result<Created, Error> {
-    let chat = Chat::create(&NewChat {
-        id,
-        owner_id: input.owner_id,
-        dynamic_tools: input.dynamic_tools,
-        last_model_config_id: input.last_model_config_id,
-        messages: input.messages.clone(),
-    })?;
-    let notes = after_create(&chat.row);
+    let prepared = CreateChat {
+        id: Some(id),
+        ..input
+    }
+    .prepare()?;
     let in_tx: &[Notification] = match notify {
-        Notify::InTransaction => &notes,
+        Notify::InTransaction => &prepared.notifications,
         Notify::AfterCommit(_) => &[],
     };
     let created = store
-        .create_chat(&chat.row, &input.metadata, &input.messages, in_tx)
+        .create_chat(&prepared.row, &prepared.metadata, &prepared.messages, in_tx)
         .await;
     probe.lap("commit_us");
-    let messages = match created? {
-        CreateOutcome::Created(ids) => ids,
-        CreateOutcome::AlreadyExists(state) => {
-            return Err(Error::Rejected(Rejection {
+    let created = prepared.created(created?)?;
+    if let Notify::AfterCommit(publisher) = notify {
+        let flushed = created.publish(publisher.as_ref());
+        probe.lap("publish_us");
+        flushed?;
+    }
+    Ok(created.created)
+}
+
+/// A chat creation validated by the model and ready for a store to insert
+/// (see [`CreateChat::prepare`]): what a store-specific creation inside an
+/// application's own transaction writes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PreparedChat {
+    /// The new row (running, snapshot 1, history 1).
+    pub row: ChatRow,
+    /// Metadata.
+    pub metadata: ChatMetadata,
+    /// The initial history.
+    pub messages: Vec<NewMessage>,
+    /// What the creation announces once committed: a `chat:update` and an
+    /// ownership hint.
+    pub notifications: Vec<Notification>,
+}
+
+/// A chat a store inserted, and the notifications still to publish once
+/// the creation's transaction has committed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CreatedPending {
+    /// The chat.
+    pub created: Created,
+    /// The creation's notifications (see [`PreparedChat::notifications`]).
+    pub notifications: Vec<Notification>,
+}
+
+impl CreateChat {
+    /// Validates the creation with the model (non-empty initial history)
+    /// and builds the row and the notifications, without touching a store.
+    /// [`create_chat`] is this, one store call, and the publication; a
+    /// store that creates chats inside an application's transaction builds
+    /// on it.
+    pub fn prepare(self) -> Result<PreparedChat, Error> {
+        let id = self.id.unwrap_or_else(ChatId::new_random);
+        let chat = Chat::create(&NewChat {
+            id,
+            owner_id: self.owner_id,
+            dynamic_tools: self.dynamic_tools,
+            last_model_config_id: self.last_model_config_id,
+            messages: self.messages.clone(),
+        })?;
+        Ok(PreparedChat {
+            notifications: after_create(&chat.row),
+            row: chat.row,
+            metadata: self.metadata,
+            messages: self.messages,
+        })
+    }
+}
+
+impl PreparedChat {
+    /// What the store's answer means: the created chat, or the rejection
+    /// of a creation whose id exists already (nothing was written).
+    pub fn created(self, outcome: CreateOutcome) -> Result<CreatedPending, Error> {
+        match outcome {
+            CreateOutcome::Created(messages) => Ok(CreatedPending {
+                created: Created {
+                    chat_id: self.row.id,
+                    row: self.row,
+                    messages,
+                },
+                notifications: self.notifications,
+            }),
+            CreateOutcome::AlreadyExists(state) => Err(Error::Rejected(Rejection {
                 transition: chatstate_model::Transition::CreateChat,
                 from: state,
                 kind: RejectionKind::TransitionNotAllowed {
                     reason: Some(reasons::CREATE_EXISTS),
                 },
-            }));
+            })),
         }
-    };
-    if let Notify::AfterCommit(publisher) = notify {
-        let buffer = PublishBuffer::new(publisher.clone());
-        for n in &notes {
-            buffer
-                .publish_notification(n)
-                .expect("a fresh buffer accepts notifications");
-        }
-        let flushed = buffer.flush();
-        probe.lap("publish_us");
-        flushed.map_err(|source| Error::PublishAfterCommit {
-            snapshot_version: chat.row.versions.snapshot,
-            source,
-        })?;
     }
-    Ok(Created {
-        chat_id: id,
-        row: chat.row,
-        messages,
-    })
+}
+
+impl CreatedPending {
+    /// Hands the notifications to `publisher`, in order. Call it once the
+    /// creation's transaction has committed, and never if it did not; a
+    /// refusal is [`Error::PublishAfterCommit`] (the chat exists).
+    pub fn publish(&self, publisher: &dyn Publisher) -> Result<(), Error> {
+        let errors: Vec<_> = self
+            .notifications
+            .iter()
+            .filter_map(|n| publisher.publish(&n.channel(), &n.payload()).err())
+            .collect();
+        if errors.is_empty() {
+            return Ok(());
+        }
+        Err(Error::PublishAfterCommit {
+            snapshot_version: self.created.row.versions.snapshot,
+            source: FlushError(errors),
+        })
+    }
 }

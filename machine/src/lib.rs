@@ -19,6 +19,11 @@
 //!   failure that rolled it back for a transient cause
 //!   ([`Error::is_retryable`]), under a [`RetryPolicy`].
 //! - [`create_chat`] creates a chat (N -> R0).
+//! - [`Tx::app`] lets the application's own writes (its billing rows, an
+//!   outbox) share an Update's transaction, through the narrow handle each
+//!   store offers for them ([`StoreTx::App`]), which cannot reach the
+//!   store's own writes; [`CreateChat::prepare`] lets a store
+//!   create a chat in the application's transaction.
 //! - Workers find chats that need one with [`Store::claimable`], take them
 //!   with [`ChatMachine::try_acquire`] (a losing [`Claim`] commits nothing),
 //!   keep them with [`ChatMachine::heartbeat`] (which reports a lost lease
@@ -103,7 +108,7 @@ pub use chatstate_model::{
     ToolResultInput, Transition, Versions, Visibility, WorkerId,
 };
 pub use claim::{Claim, Ending, LeaseStatus};
-pub use create::{CreateChat, Created, create_chat};
+pub use create::{CreateChat, Created, CreatedPending, PreparedChat, create_chat};
 pub use error::{CommitState, Error, FlushError, PublishError, StoreError, StoreErrorKind};
 pub use locked::{Locked, ReadLocked};
 pub use machine::ChatMachine;

@@ -123,7 +123,25 @@ pub enum CreateOutcome {
 
 /// An open store transaction. Dropping it without [`StoreTx::commit`] rolls
 /// it back.
+///
+/// Its methods write plans and chat rows, so the machine keeps them to
+/// itself: inside an Update the application reaches the transaction only
+/// through [`StoreTx::App`], by [`Tx::app`](crate::Tx::app).
 pub trait StoreTx: Send {
+    /// What the application may do in this transaction besides
+    /// transitions: the store's means for the application's own writes
+    /// (its billing rows, its outbox), committed or rolled back with the
+    /// Update. It must offer nothing that writes a plan, a chat row or
+    /// metadata, or otherwise reaches this transaction's own methods; a
+    /// store with nothing to offer uses `()`.
+    type App<'a>: Send
+    where
+        Self: 'a;
+
+    /// The application's handle on this transaction (see
+    /// [`StoreTx::App`]).
+    fn app(&mut self) -> Self::App<'_>;
+
     /// Writes a plan decided against the snapshot of `chat` (which this
     /// transaction has locked exclusively), in one step, and returns the
     /// ids given to the inserted rows.

@@ -131,7 +131,8 @@ pub(crate) fn poison_on_error<T>(
 }
 
 /// The transaction of an Update: one method per transition, the current
-/// snapshot, and a metadata view. There is no other access to the store, so
+/// snapshot, a metadata view, and the store's handle for the application's
+/// own writes ([`Tx::app`]). There is no other access to the store, so
 /// execution state can only change through transitions.
 pub struct Tx<'a, S: Store> {
     pub(crate) stx: &'a mut S::Tx,
@@ -217,6 +218,78 @@ impl<'a, S: Store> Tx<'a, S> {
     /// The row now.
     pub fn row(&self) -> &ChatRow {
         &self.snap.row
+    }
+
+    /// The application's handle on this Update's transaction, for its own
+    /// writes (its billing rows, its outbox, its audit trail), committed
+    /// or rolled back with the transitions of this Update.
+    ///
+    /// The handle is the store's [`StoreTx::App`], not the store's
+    /// transaction: it offers what the application needs and nothing that
+    /// writes a plan, a chat row or metadata, so execution state still
+    /// changes only through transitions. Each store documents its handle
+    /// (`chatstate-store-pg`: `PgApp`, the open connection for the
+    /// application's tables and statements deferred to the commit;
+    /// `chatstate-store-mem`: `MemApp`, hooks run at commit) and the
+    /// rules, among them that a failed application write never commits
+    /// silently (see `docs/transactions.md`).
+    ///
+    /// Inside a nested Update this is the same transaction.
+    ///
+    /// ```
+    /// # use chatstate::{ChatMachine, CreateChat, NewMessage, Options, RecordingPublisher, create_chat};
+    /// # use chatstate_store_mem::MemStore;
+    /// # use std::sync::{Arc, atomic::{AtomicU64, Ordering}};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), chatstate::Error> {
+    /// # let store = MemStore::new();
+    /// # let publisher = Arc::new(RecordingPublisher::new());
+    /// # let created = create_chat(&store, &publisher.clone().into(), CreateChat {
+    /// #     messages: vec![NewMessage::user("hello")], ..CreateChat::default() }).await?;
+    /// let chat = ChatMachine::new(store, publisher, created.chat_id, Options::default());
+    /// let tokens_billed = Arc::new(AtomicU64::new(0));
+    /// let billed = tokens_billed.clone();
+    /// chat.update(async |tx| {
+    ///     tx.commit_step(vec![NewMessage::assistant("hi")], false).await?;
+    ///     // Runs only if, and when, this Update commits.
+    ///     tx.app().on_commit(move || {
+    ///         billed.fetch_add(42, Ordering::SeqCst);
+    ///     });
+    ///     Ok(())
+    /// }).await?;
+    /// assert_eq!(tokens_billed.load(Ordering::SeqCst), 42);
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// The store transaction's own methods are out of reach: a plan the
+    /// model did not decide cannot be written through the handle,
+    ///
+    /// ```compile_fail,E0599
+    /// # use chatstate::{Error, StoreTx, Tx, model::Plan};
+    /// # use chatstate_store_mem::MemStore;
+    /// async fn bypass(tx: &mut Tx<'_, MemStore>, plan: &Plan) -> Result<(), Error> {
+    ///     let chat = tx.chat_id();
+    ///     tx.app().apply(chat, plan).await?; // no method `apply` on the handle
+    ///     Ok(())
+    /// }
+    /// ```
+    ///
+    /// nor metadata written past [`Tx::write_metadata`], even naming the
+    /// trait:
+    ///
+    /// ```compile_fail,E0277
+    /// # use chatstate::{Error, MetadataPatch, StoreTx, Tx};
+    /// # use chatstate_store_mem::MemStore;
+    /// async fn bypass(tx: &mut Tx<'_, MemStore>) -> Result<(), Error> {
+    ///     let chat = tx.chat_id();
+    ///     // The handle is not a `StoreTx`.
+    ///     StoreTx::write_metadata(&mut tx.app(), chat, &MetadataPatch::default()).await?;
+    ///     Ok(())
+    /// }
+    /// ```
+    pub fn app(&mut self) -> <S::Tx as StoreTx>::App<'_> {
+        self.stx.app()
     }
 
     /// Applies one transition.

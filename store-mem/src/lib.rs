@@ -20,7 +20,8 @@
 //! connection lost after `COMMIT` was sent does on a real database.
 //! Notifications given to a commit ([`Notify::InTransaction`](chatstate::Notify))
 //! go out on the store's own bus ([`MemStore::subscribe`]) at the moment of
-//! commit, in commit order per chat.
+//! commit, in commit order per chat. The application's own writes ride
+//! along as hooks run inside the commit ([`MemApp::on_commit`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
@@ -40,7 +41,10 @@ use tokio::sync::{OwnedRwLockReadGuard, OwnedRwLockWriteGuard, RwLock, broadcast
 
 use crate::locks::{Holding, LockTable, TxId};
 
+mod app;
 mod locks;
+
+pub use app::MemApp;
 
 /// Store time for the in-memory store: a base instant plus an offset that
 /// tests can advance.
@@ -363,6 +367,7 @@ impl MemStore {
             locks: Vec::new(),
             undo: Vec::new(),
             open: true,
+            hooks: Vec::new(),
         }
     }
 }
@@ -462,7 +467,12 @@ pub struct MemTx {
     locks: Vec<(ChatId, Arc<Slot>, Guard)>,
     undo: Vec<Undo>,
     open: bool,
+    /// The application's hooks, run at commit (see [`MemApp::on_commit`]).
+    hooks: Vec<CommitHook>,
 }
+
+/// An application's write, run when its transaction commits.
+type CommitHook = Box<dyn FnOnce() + Send>;
 
 impl std::fmt::Debug for MemTx {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -704,6 +714,12 @@ impl Inner {
 }
 
 impl StoreTx for MemTx {
+    type App<'a> = MemApp<'a>;
+
+    fn app(&mut self) -> MemApp<'_> {
+        MemApp::new(self)
+    }
+
     async fn apply(&mut self, chat: ChatId, plan: &Plan) -> Result<Assigned, StoreError> {
         self.inner.call("apply plan")?;
         let slot = self.held(chat, true)?.clone();
@@ -908,6 +924,11 @@ impl StoreTx for MemTx {
                 let mut d = slot.data.lock().expect("chat data");
                 d.committed_owner = d.row.owner;
             }
+        }
+        // The application's writes, under the row locks still held: atomic
+        // with the chat's change for every reader that locks the chat.
+        for hook in std::mem::take(&mut self.hooks) {
+            hook();
         }
         // Deliver before the row locks are released, so notifications of
         // one chat leave in commit order.

@@ -121,6 +121,12 @@ impl Store for Timed {
 }
 
 impl StoreTx for TimedTx {
+    type App<'a> = chatstate_store_pg::PgApp<'a>;
+
+    fn app(&mut self) -> Self::App<'_> {
+        self.inner.app()
+    }
+
     async fn apply(&mut self, chat: ChatId, plan: &Plan) -> Result<Assigned, StoreError> {
         let started = Instant::now();
         let out = self.inner.apply(chat, plan).await;

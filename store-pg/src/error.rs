@@ -61,6 +61,14 @@ pub(crate) fn store_error(context: &'static str, e: sqlx::Error) -> StoreError {
     StoreError::new(context, kind, e)
 }
 
+/// The SQLSTATE of a store error the database reported.
+pub(crate) fn sqlstate(e: &StoreError) -> Option<String> {
+    match e.source.as_deref()?.downcast_ref::<sqlx::Error>()? {
+        sqlx::Error::Database(db) => db.code().map(|c| c.into_owned()),
+        _ => None,
+    }
+}
+
 /// True for a foreign-key violation (the referenced chat is gone).
 pub(crate) fn is_foreign_key_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("23503"))
@@ -107,6 +115,13 @@ pub enum PgStoreFault {
     /// aborted it; it can only be rolled back.
     #[error("the transaction was aborted by an earlier error")]
     TransactionAborted,
+    /// The application's statements ended the store's transaction
+    /// (`COMMIT`, `ROLLBACK`, or sqlx's `begin()` on the lent connection)
+    /// before the Update committed. The store sent nothing after finding
+    /// out, but what the application's own `COMMIT` made durable it cannot
+    /// tell: the outcome is unknown ([`StoreErrorKind::OutcomeUnknown`]).
+    #[error("the application's statements ended the transaction before the update committed")]
+    TransactionEndedByCaller,
     /// The chat this transaction was asked about is not locked by it.
     #[error("the chat is not locked by this transaction")]
     NotLocked,
@@ -134,12 +149,14 @@ impl PgStoreFault {
     }
 
     /// Wraps the fault in a store error of kind Data (or Other for
-    /// transaction misuse).
+    /// transaction misuse, OutcomeUnknown for a transaction the
+    /// application ended).
     pub(crate) fn into_store(self, context: &'static str) -> StoreError {
         let kind = match self {
             PgStoreFault::TransactionAborted
             | PgStoreFault::NotLocked
             | PgStoreFault::SchemaNewerThanBinary { .. } => StoreErrorKind::Other,
+            PgStoreFault::TransactionEndedByCaller => StoreErrorKind::OutcomeUnknown,
             _ => StoreErrorKind::Data,
         };
         StoreError::new(context, kind, self)

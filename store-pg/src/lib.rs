@@ -28,6 +28,10 @@
 //! - [`migrate`] applies the embedded schema migrations.
 //! - [`PgNotifyListener`] receives the notifications as typed
 //!   [`chatstate_model::Notification`]s and reports reconnects.
+//! - [`PgApp::connection`] and [`PgApp::defer`] run the application's own
+//!   statements in an Update's transaction (the handle
+//!   [`chatstate::Tx::app`] returns), and [`create_chat_in`] creates a
+//!   chat in the application's transaction (`docs/transactions.md`).
 //! - [`throwaway`] starts a disposable Postgres cluster for tests, the test
 //!   suites of other crates and the CLI.
 //!
@@ -84,6 +88,7 @@ mod jsonb;
 mod listen;
 pub mod migrations;
 mod resolve;
+mod shared;
 pub mod throwaway;
 mod tx;
 
@@ -95,8 +100,8 @@ use chatstate::{
     TestControl,
 };
 use chatstate_model::{
-    ChatId, ChatRow, ChatStatus, ExecutionState, MessageId, NewMessage, Notification, Options,
-    Owner, RunnerId, Snapshot, ToolState, WorkerId,
+    ChatId, ChatRow, ChatStatus, ExecutionState, NewMessage, Notification, Options, Owner,
+    RunnerId, Snapshot, WorkerId,
 };
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::PgPoolOptions;
@@ -107,6 +112,7 @@ pub use inspect::{ChatFilter, inspect_chat, list_chats};
 pub use listen::{LISTENER_APPLICATION_NAME, ListenerEvent, PgNotifyListener, update_channel};
 pub use migrations::{MigrationStatus, migration_status, pending_sql};
 pub use resolve::CommitLost;
+pub use shared::{PgApp, app_error, create_chat_in, sql_literal};
 pub use tx::PgTx;
 
 use crate::decode::get;
@@ -114,7 +120,7 @@ use crate::error::{is_foreign_key_violation, store_error};
 use crate::idle::IdleConnections;
 use crate::resolve::Resolver;
 use crate::sql::Opening;
-use crate::tx::{RoundTrips, bind_row, message_json, micros, stored_json, tool_state_json};
+use crate::tx::{RoundTrips, micros};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -387,81 +393,26 @@ impl Store for PgStore {
         notify: &[Notification],
     ) -> Result<CreateOutcome, StoreError> {
         const CONTEXT: &str = "create chat";
-        let mut channels = Vec::with_capacity(notify.len());
-        let mut payloads = Vec::with_capacity(notify.len());
-        for n in notify {
-            // The same checks as an Update's commit, before anything is sent.
-            tx::notify_statements(std::slice::from_ref(n))
-                .map_err(|fault| fault.into_store(CONTEXT))?;
-            channels.push(n.channel());
-            payloads.push(String::from_utf8(n.payload()).expect("notify_statements checked UTF-8"));
-        }
-        // The tool bookkeeping of the initial history, kept on the row from
-        // now on (every later change of the history comes with a plan).
-        let tool_state = tool_state_json(&ToolState::from_history(
-            messages.iter().map(|m| (m.role, m.content.as_slice())),
-        ));
-        let messages =
-            serde_json::Value::Array(messages.iter().map(message_json).collect()).to_string();
-        let labels = jsonb::encode_text(&serde_json::json!(metadata.labels));
-        let tools = jsonb::encode_text(&serde_json::json!(row.dynamic_tools));
         let mut conn = self.connection().await?;
         self.round_trips.tick();
         record_round_trips(1);
-        let query = sqlx::query(sql::CREATE_CHAT)
-            .bind(row.id.0)
-            .bind(row.owner_id);
-        let out = bind_row(query, row)
-            .bind(tools)
-            .bind(row.last_model_config_id)
-            .bind(jsonb::encode_str(&metadata.title))
-            .bind(labels)
-            .bind(metadata.metadata.as_ref().map(stored_json))
-            .bind(messages)
-            .bind(row.versions.snapshot)
-            .bind(channels)
-            .bind(payloads)
-            .bind(tool_state)
-            .fetch_one(&mut *conn)
+        let inserted = shared::insert_chat(&mut conn, CONTEXT, row, metadata, messages, notify)
             .await
             // The statement commits on its own; a lost connection may have
             // come after its commit (see `resolve::implicit`).
-            .map_err(|e| resolve::implicit(store_error(CONTEXT, e)))?;
-        let created: i64 = get(&out, CONTEXT, "created")?;
-        if created == 1 {
-            self.keep(conn);
-            let ids: Vec<i64> = get(&out, CONTEXT, "message_ids")?;
-            return Ok(CreateOutcome::Created(
-                ids.into_iter().map(MessageId).collect(),
-            ));
-        }
-        if let Some(status) = get::<Option<String>>(&out, CONTEXT, "status")? {
-            self.keep(conn);
-            return Ok(CreateOutcome::AlreadyExists(classify(
-                &status,
-                get(&out, CONTEXT, "archived")?,
-                get(&out, CONTEXT, "queued")?,
-            )));
-        }
-        // The conflicting row was committed by a concurrent create after
-        // this statement's snapshot was taken: read it now.
-        self.round_trips.tick();
-        record_round_trips(2);
-        let existing = sqlx::query(sql::CHAT_STATE)
-            .bind(row.id.0)
-            .fetch_optional(&mut *conn)
-            .await
-            .map_err(|e| store_error(CONTEXT, e))?;
+            .map_err(resolve::implicit)?;
+        let outcome = match inserted {
+            shared::Inserted::Done(outcome) => outcome,
+            // The conflicting row was committed by a concurrent create
+            // after the statement's snapshot was taken: read it now.
+            shared::Inserted::Raced => {
+                self.round_trips.tick();
+                record_round_trips(2);
+                CreateOutcome::AlreadyExists(shared::chat_state(&mut conn, CONTEXT, row).await?)
+            }
+        };
         self.keep(conn);
-        Ok(CreateOutcome::AlreadyExists(match existing {
-            Some(r) => classify(
-                &get::<String>(&r, CONTEXT, "status")?,
-                get(&r, CONTEXT, "archived")?,
-                get(&r, CONTEXT, "queued")?,
-            ),
-            // Created and deleted again in between; deletion is not ours.
-            None => ExecutionState::N,
-        }))
+        Ok(outcome)
     }
 
     async fn heartbeat(&self, chat: ChatId, runner: RunnerId) -> Result<LeaseStatus, StoreError> {

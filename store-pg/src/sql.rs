@@ -174,6 +174,26 @@ pub(crate) fn opening(opening: Opening, chat: uuid::Uuid, stale_us: i64) -> Stri
     format!("{lock}('{chat}'::uuid); EXECUTE chatstate_snapshot('{chat}'::uuid, {stale_us})")
 }
 
+/// The SQLSTATE the commit's transaction check raises when the
+/// transaction is no longer the one the store opened (class `CS`: this
+/// store's own).
+pub(crate) const ENDED_BY_CALLER: &str = "CS001";
+
+/// The commit message's check that the transaction is still the one the
+/// store opened (transaction id `xid`): it raises [`ENDED_BY_CALLER`]
+/// otherwise, and, like any statement, fails with 25P02 in an aborted
+/// transaction. Sent only when the application wrote in the transaction.
+pub(crate) fn same_transaction(xid: i64) -> String {
+    format!(
+        "DO $chatstate$ BEGIN \
+           IF pg_current_xact_id_if_assigned() IS DISTINCT FROM '{xid}'::xid8 THEN \
+             RAISE EXCEPTION 'the transaction was ended by the application' \
+               USING ERRCODE = '{ENDED_BY_CALLER}'; \
+           END IF; \
+         END $chatstate$; "
+    )
+}
+
 /// The statement that writes a pending snapshot bump, for the commit
 /// message (the chat id is this crate's, the version an integer).
 pub(crate) fn set_version(chat: uuid::Uuid, version: i64) -> String {

@@ -117,6 +117,13 @@ pub struct PgTx {
     xid: Option<i64>,
     /// Resolves a commit whose connection was lost.
     resolver: Resolver,
+    /// The application was handed the connection
+    /// ([`crate::PgApp::connection`]): the commit checks that the
+    /// transaction is still this one and alive.
+    lent: bool,
+    /// The application's statements deferred to the commit message
+    /// ([`crate::PgApp::defer`]), each followed by a `;` line.
+    deferred: String,
 }
 
 /// The snapshot version of an exclusively locked chat: as stored (in this
@@ -157,6 +164,39 @@ impl Drop for PgTx {
     }
 }
 
+/// The application's own statements in this transaction, through
+/// [`crate::PgApp`] (the rules are there, a worked example in
+/// `docs/transactions.md`).
+impl PgTx {
+    /// The open transaction's connection, lent to the application: from
+    /// now on the commit checks that the transaction is still this one
+    /// and alive.
+    pub(crate) fn lend_connection(&mut self) -> &mut sqlx::PgConnection {
+        self.lent = true;
+        self.conn()
+    }
+
+    /// Appends one of the application's statements to the commit message.
+    pub(crate) fn defer(&mut self, statement: impl sqlx::SqlSafeStr) {
+        // The separator on a line of its own: a statement ending in a `--`
+        // comment must not swallow it.
+        self.deferred
+            .push_str(statement.into_sql_str().as_str().trim_end());
+        self.deferred.push_str("\n;\n");
+    }
+
+    /// The statement the commit message carries when the application
+    /// wrote in this transaction: it fails with
+    /// [`sql::ENDED_BY_CALLER`] if the transaction is no longer the one
+    /// this handle opened (the application ended it), and with 25P02 if
+    /// a failed statement aborted it (which `COMMIT` alone would turn
+    /// into a silent rollback).
+    fn guard(&self) -> Option<String> {
+        let xid = self.xid?;
+        (self.lent || !self.deferred.is_empty()).then(|| sql::same_transaction(xid))
+    }
+}
+
 impl PgTx {
     /// Opens a transaction on `chat` with one simple query and returns the
     /// snapshot; `None` when the chat does not exist, with no transaction
@@ -183,6 +223,8 @@ impl PgTx {
             locked: Vec::new(),
             xid: None,
             resolver,
+            lent: false,
+            deferred: String::new(),
         };
         match tx.lock(opening, chat, options).await? {
             Some(snap) => Ok(Some((tx, snap))),
@@ -342,6 +384,19 @@ impl PgTx {
     }
 }
 
+/// What a failed commit message means when it carried the application's
+/// statements: the guard's own failures become this store's faults, any
+/// other error (an application statement's, a lost connection) stays as
+/// it is. The transaction never committed in the first two cases; the
+/// handle stays open, so its connection is closed rather than reused.
+fn guard_failure(context: &'static str, e: StoreError) -> StoreError {
+    match crate::error::sqlstate(&e).as_deref() {
+        Some(sql::ENDED_BY_CALLER) => PgStoreFault::TransactionEndedByCaller.into_store(context),
+        Some("25P02") => PgStoreFault::TransactionAborted.into_store(context),
+        _ => e,
+    }
+}
+
 /// The notifications of a commit as `SELECT pg_notify(...);` statements,
 /// with every value quoted as an escape-string literal.
 pub(crate) fn notify_statements(notify: &[Notification]) -> Result<String, PgStoreFault> {
@@ -468,6 +523,12 @@ fn writes_nothing(plan: &Plan) -> bool {
 }
 
 impl StoreTx for PgTx {
+    type App<'a> = crate::PgApp<'a>;
+
+    fn app(&mut self) -> crate::PgApp<'_> {
+        crate::PgApp::new(self)
+    }
+
     async fn apply(&mut self, chat: ChatId, plan: &Plan) -> Result<Assigned, StoreError> {
         const CONTEXT: &str = "apply plan";
         let versioned = self.require_exclusive(chat, CONTEXT)?;
@@ -757,10 +818,22 @@ impl StoreTx for PgTx {
         for v in self.exclusive.iter().filter(|v| v.stored != v.target) {
             text.push_str(&sql::set_version(v.chat.0, v.target));
         }
+        // The application's deferred statements, then the check that the
+        // transaction is still this one and alive: a failure in either
+        // stops the message before COMMIT.
+        text.push_str(&self.deferred);
+        let guarded = self.guard();
+        if let Some(guard) = &guarded {
+            text.push_str(guard);
+        }
         text.push_str(&notifications);
         text.push_str("COMMIT");
         let committed = self.simple(CONTEXT, text).await;
         crate::record_round_trips(self.trips);
+        let committed = match committed {
+            Err(e) if guarded.is_some() => Err(guard_failure(CONTEXT, e)),
+            other => other,
+        };
         match committed {
             Ok(_) => {
                 self.open = false;

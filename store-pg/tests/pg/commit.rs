@@ -17,13 +17,13 @@ use crate::proxy::{Proxy, Trap};
 
 /// A test database reached two ways: directly (to set up and to look),
 /// and through a proxy (the store under test).
-struct Proxied {
-    direct: Fx,
-    proxy: Proxy,
-    store: PgStore,
+pub(crate) struct Proxied {
+    pub(crate) direct: Fx,
+    pub(crate) proxy: Proxy,
+    pub(crate) store: PgStore,
 }
 
-async fn proxied() -> Proxied {
+pub(crate) async fn proxied() -> Proxied {
     let cluster = Cluster::shared().unwrap_or_else(|e| panic!("{e}"));
     let name = cluster.create_database().await.unwrap();
     let direct_pool = chatstate_store_pg::pool_options()
@@ -46,7 +46,7 @@ async fn proxied() -> Proxied {
 }
 
 impl Proxied {
-    fn machine(&self, chat: chatstate_model::ChatId) -> ChatMachine<PgStore> {
+    pub(crate) fn machine(&self, chat: chatstate_model::ChatId) -> ChatMachine<PgStore> {
         ChatMachine::new(
             self.store.clone(),
             Notify::AfterCommit(self.direct.publisher.clone()),
@@ -55,7 +55,7 @@ impl Proxied {
         )
     }
 
-    fn pool(&self) -> &PgPool {
+    pub(crate) fn pool(&self) -> &PgPool {
         self.direct.store.pool()
     }
 

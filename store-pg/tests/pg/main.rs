@@ -19,4 +19,5 @@ mod notify;
 mod proxy;
 mod round_trips;
 mod schema;
+mod shared_tx;
 mod versions;

@@ -37,6 +37,9 @@ struct State {
     refusing: bool,
     /// Traps fired so far.
     fired: usize,
+    /// Client writes forwarded so far: one per request, since the
+    /// protocol waits for an answer before the client writes again.
+    requests: usize,
 }
 
 /// The proxy; it runs until the test's runtime ends.
@@ -56,6 +59,7 @@ impl Proxy {
             refuse_after_trap: false,
             refusing: false,
             fired: 0,
+            requests: 0,
         }));
         let socket = socket_dir.join(".s.PGSQL.5432");
         let st = state.clone();
@@ -95,6 +99,12 @@ impl Proxy {
         st.refuse_after_trap = refuse_after;
     }
 
+    /// How many client writes the proxy forwarded (round trips, once the
+    /// connections are set up).
+    pub(crate) fn requests(&self) -> usize {
+        self.state.lock().unwrap().requests
+    }
+
     /// How many traps fired.
     pub(crate) fn fired(&self) -> usize {
         self.state.lock().unwrap().fired
@@ -120,6 +130,7 @@ async fn relay(client: TcpStream, server: UnixStream, state: Arc<Mutex<State>>) 
             Ok(n) => n,
         };
         let chunk = &buf[..n];
+        state.lock().unwrap().requests += 1;
         let trap = if is_commit(chunk) {
             let mut st = state.lock().unwrap();
             let trap = std::mem::replace(&mut st.trap, Trap::None);
