@@ -103,6 +103,14 @@
 //! properties: a stale worker's unfenced Abandon can clear the new owner's
 //! lease, and a worker whose lease was cleared that way never learns it
 //! (nothing tells it `LeaseLost`), so it never acquires again.
+//!
+//! # Layout
+//!
+//! This file holds the bounds, the [`Config`] and the stateright [`Model`]
+//! impl; `state.rs` the state and its parts, `actions.rs` the steps,
+//! `callback.rs` the glue to the real `decide`, `properties.rs` the
+//! properties and the recovery protocol, `render.rs` the readable lines of
+//! a path, and `report.rs` the check itself and its [`CheckReport`](super::CheckReport).
 
 mod actions;
 mod callback;
@@ -261,93 +269,6 @@ impl Model for ConcurrencyModel {
     }
 
     fn properties(&self) -> Vec<Property<Self>> {
-        let mut props = vec![
-            Property::always(names::LOCKS, |_, s: &State| {
-                let mut exclusive = 0;
-                let mut shared = 0;
-                for a in &s.actors {
-                    match a.phase {
-                        Phase::Held(Op::ReadLock) => shared += 1,
-                        Phase::Held(_) | Phase::Locked(..) | Phase::Called(..) => exclusive += 1,
-                        _ => {}
-                    }
-                }
-                exclusive <= 1 && (exclusive == 0 || shared == 0)
-            }),
-            Property::always(names::SNAPSHOT, |_, s: &State| {
-                let in_flight_ok = s.actors.iter().all(|a| match a.phase {
-                    Phase::Locked(_, tx) | Phase::Called(_, tx, _) => {
-                        tx.row.snapshot == s.row.snapshot + 1
-                    }
-                    _ => true,
-                });
-                !s.flags.has(Flags::SNAPSHOT_SKEW)
-                    && u16::from(s.row.snapshot) == 1 + u16::from(s.commits)
-                    && in_flight_ok
-            }),
-            Property::always(names::NOTIFY_AFTER_COMMIT, |_, s: &State| {
-                !s.flags.has(Flags::EARLY_DELIVERY)
-            }),
-            Property::always(names::HWM_MONOTONE, |_, s: &State| {
-                !s.flags.has(Flags::HWM_BACK) && s.hwm <= s.row.snapshot
-            }),
-            Property::always(names::HWM_CONVERGES, |_, s: &State| {
-                let pending = s
-                    .actors
-                    .iter()
-                    .any(|a| matches!(a.phase, Phase::Committed(_)));
-                pending || s.hwm == s.row.snapshot || s.last_lost
-            }),
-            Property::always(names::HINT, |_, s: &State| {
-                !s.flags.has(Flags::MISSING_HINT)
-            }),
-            Property::always(names::FENCE, |_, s: &State| {
-                !s.flags.has(Flags::STALE_COMMIT)
-            }),
-            Property::always(names::RECOVERY, |m: &ConcurrencyModel, s: &State| {
-                m.recovery_steps(s).is_some()
-            }),
-            Property::always(names::NOT_STRANDED, |m: &ConcurrencyModel, s: &State| {
-                m.recovery_steps_within(s, STRANDED_AFTER).is_some()
-            }),
-            Property::sometimes(names::SHARED_READS, |_, s: &State| {
-                s.shared.count_ones() >= 2
-            }),
-            Property::sometimes(names::FLUSH_RACE, |_, s: &State| {
-                s.actors
-                    .iter()
-                    .filter(|a| matches!(a.phase, Phase::Committed(_)))
-                    .count()
-                    >= 2
-            }),
-            Property::sometimes(names::HINTED, |_, s: &State| {
-                s.actors
-                    .iter()
-                    .any(|a| matches!(a.phase, Phase::Committed(b) if b.hint))
-            }),
-            Property::sometimes(names::TAKEOVER, |_, s: &State| {
-                (0..WORKERS).any(|w| {
-                    let a = s.actor(Who::Worker(w));
-                    !a.crashed && a.holds && s.row.owner.is_some_and(|o| o != w)
-                })
-            }),
-            Property::sometimes(names::STALE_CALLBACK, |_, s: &State| {
-                (0..WORKERS).any(|w| {
-                    let a = s.actor(Who::Worker(w));
-                    matches!(a.phase, Phase::Locked(op, tx)
-                        if op.is_fenceable() && tx.row.owner.is_some_and(|o| o != w))
-                })
-            }),
-            Property::sometimes(names::LOST_FLUSH, |_, s: &State| s.last_lost),
-            Property::sometimes(names::RECOVERY_TIGHT, |m: &ConcurrencyModel, s: &State| {
-                m.recovery_steps(s) == Some(RECOVERY_BOUND)
-            }),
-        ];
-        if !self.config.fenced {
-            props.push(Property::sometimes(names::STALE_COMMITS, |_, s: &State| {
-                s.flags.has(Flags::STALE_COMMIT)
-            }));
-        }
-        props
+        self.property_list()
     }
 }
