@@ -4,7 +4,10 @@
 //! and a `run` function returning the process exit code; `main` only parses
 //! and dispatches. Adding a subcommand means one new module and one variant
 //! of [`Command`]. Modules shared by subcommands: [`trace`] (the trace
-//! format) and [`pg`] (where `--store pg` finds its database).
+//! format, its compiler, the step records and the model's reference run,
+//! below [`tracegen`] and [`replay`], which depend on it and never the
+//! other way; `tests/layers.rs` checks it) and [`pg`] (where `--store pg`
+//! finds its database).
 
 use std::process::ExitCode;
 

@@ -23,6 +23,7 @@
 //! concurrency).
 
 mod finals;
+mod prometheus;
 mod record;
 mod shared;
 mod summary;
@@ -92,6 +93,12 @@ pub(crate) struct Args {
     /// Chats a worker runs at once.
     #[arg(long, default_value_t = 16)]
     pub(crate) worker_capacity: usize,
+    /// After the summary, print the metrics the run recorded (Updates and
+    /// transitions by outcome, Update latency, lock waits, the worker
+    /// runtimes' claims and leases) in the Prometheus text format; see
+    /// docs/observability.md.
+    #[arg(long)]
+    pub(crate) metrics: bool,
 }
 
 impl Default for Args {
@@ -113,12 +120,26 @@ pub(crate) enum StoreKind {
 }
 
 pub(crate) fn run(args: &Args) -> anyhow::Result<ExitCode> {
+    let metrics = args
+        .metrics
+        .then(prometheus::Metrics::install)
+        .transpose()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let summary = runtime.block_on(simulate(args))?;
+    let summary = runtime.block_on(async {
+        let upkeep = metrics.as_ref().map(|m| tokio::spawn(m.upkeep()));
+        let summary = simulate(args).await;
+        if let Some(upkeep) = upkeep {
+            upkeep.abort();
+        }
+        summary
+    })?;
     print!("{}", summary.render());
+    if let Some(metrics) = &metrics {
+        print!("{}", metrics.render());
+    }
     Ok(if summary.ok() {
         ExitCode::SUCCESS
     } else {
