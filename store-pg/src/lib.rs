@@ -78,6 +78,7 @@
 #[macro_use]
 mod sql;
 mod decode;
+mod embedded;
 mod error;
 mod idle;
 pub mod inspect;
@@ -110,13 +111,12 @@ pub use resolve::CommitLost;
 pub use tx::PgTx;
 
 use crate::decode::get;
+use crate::embedded::MIGRATOR;
 use crate::error::{is_foreign_key_violation, store_error};
 use crate::idle::IdleConnections;
 use crate::resolve::Resolver;
 use crate::sql::Opening;
 use crate::tx::{RoundTrips, bind_row, message_json, micros, stored_json, tool_state_json};
-
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// The status values the schema accepts besides the model's
 /// [`ChatStatus::KNOWN`]: legacy values a row may still hold, which
