@@ -4,7 +4,7 @@
 
 use anyhow::Context as _;
 use chatstate_store_pg::PgStore;
-use chatstate_store_pg::throwaway::Cluster;
+use chatstate_testing::throwaway::Cluster;
 
 /// A connected, migrated Postgres store and a description of where it is.
 pub(crate) struct PgTarget {

@@ -19,9 +19,10 @@
 //! 3. the notifications and `COMMIT`, in one simple-query message (with
 //!    the bump, when no plan wrote the row).
 //!
-//! An empty Update, Lock and ReadLock cost two (open, end). [`goshape`]
-//! runs the statement sequence of the Go original on the same schema for
-//! comparison (ten round trips).
+//! An empty Update, Lock and ReadLock cost two (open, end). The Go
+//! original's statement sequence on the same schema takes ten
+//! (`chatstate-testing`'s `goshape`, which `chatstate bench` compares
+//! with).
 //!
 //! # Pieces
 //!
@@ -32,8 +33,8 @@
 //!   statements in an Update's transaction (the handle
 //!   [`chatstate::Tx::app`] returns), and [`create_chat_in`] creates a
 //!   chat in the application's transaction (`docs/transactions.md`).
-//! - [`throwaway`] starts a disposable Postgres cluster for tests, the test
-//!   suites of other crates and the CLI.
+//! - [`migrations`] reports a database's migrations and prints the SQL
+//!   of the pending ones.
 //!
 //! # Connection pools
 //!
@@ -56,7 +57,8 @@
 //!
 //! ```
 //! use chatstate::{ChatMachine, CreateChat, Notify, NewMessage, Options, create_chat};
-//! use chatstate_store_pg::{PgStore, throwaway::Cluster};
+//! use chatstate_store_pg::PgStore;
+//! use chatstate_testing::throwaway::Cluster;
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -80,8 +82,8 @@
 #[macro_use]
 mod sql;
 mod decode;
+mod embedded;
 mod error;
-pub mod goshape;
 mod idle;
 pub mod inspect;
 mod jsonb;
@@ -89,7 +91,6 @@ mod listen;
 pub mod migrations;
 mod resolve;
 mod shared;
-pub mod throwaway;
 mod tx;
 
 use std::sync::Arc;
@@ -116,13 +117,12 @@ pub use shared::{PgApp, app_error, create_chat_in, sql_literal};
 pub use tx::PgTx;
 
 use crate::decode::get;
+use crate::embedded::MIGRATOR;
 use crate::error::{is_foreign_key_violation, store_error};
 use crate::idle::IdleConnections;
 use crate::resolve::Resolver;
 use crate::sql::Opening;
 use crate::tx::{RoundTrips, micros};
-
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// The status values the schema accepts besides the model's
 /// [`ChatStatus::KNOWN`]: legacy values a row may still hold, which
@@ -183,7 +183,7 @@ async fn database_schema_version(conn: &mut sqlx::PgConnection) -> Result<Option
 /// It calls the migrator on a concrete connection type: the generic
 /// `Migrator::run` over `Acquire` makes the returned future impossible to
 /// prove `Send` in callers that need it (a known sqlx limitation).
-pub(crate) async fn migrate_with(conn: &mut sqlx::PgConnection) -> Result<(), StoreError> {
+async fn migrate_with(conn: &mut sqlx::PgConnection) -> Result<(), StoreError> {
     const CONTEXT: &str = "migrate";
     let binary = binary_schema_version();
     let newer = |database| PgStoreFault::SchemaNewerThanBinary { database, binary };
