@@ -279,10 +279,7 @@ impl Op {
             },
             Op::FinishTurn => Input::FinishTurn,
             Op::FinishError => Input::FinishError {
-                last_error: Some(
-                    JsonText::from_value(&serde_json::json!({"message": "provider failed"}))
-                        .expect("a flat object is within the depth limit"),
-                ),
+                last_error: Some(last_error().clone()),
             },
             Op::CancelRequiresAction => Input::CancelRequiresAction { reason: None },
             Op::ReconcileInvalidState => Input::ReconcileInvalidState {
@@ -405,4 +402,14 @@ pub(super) fn answers(chat: Option<&Chat>) -> Option<NewMessage> {
         .map(|(id, name)| Part::tool_result(id, name, JsonText::string("done")))
         .collect();
     Some(NewMessage::new(Role::Tool, parts))
+}
+
+/// The error FinishError records, built once (it is offered from every
+/// state the model visits).
+fn last_error() -> &'static JsonText {
+    static LAST_ERROR: OnceLock<JsonText> = OnceLock::new();
+    LAST_ERROR.get_or_init(|| {
+        JsonText::from_value(&serde_json::json!({"message": "provider failed"}))
+            .expect("a flat object is within the depth limit")
+    })
 }

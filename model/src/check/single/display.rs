@@ -134,7 +134,7 @@ impl fmt::Debug for Action {
 
 /// One line: the state, then only what differs from a fresh chat, for
 /// example `A1 | history: user, assistant[call ask_user] | queue: 1 |
-/// owned, lease fresh | deadline | last: SendMessage A0->A1`.
+/// owned, lease fresh | deadline`.
 impl fmt::Display for ChatState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let Some(chat) = &self.chat else {
@@ -191,9 +191,6 @@ impl fmt::Display for ChatState {
         }
         if row.compaction_requested_at.is_some() {
             f.write_str(" | compaction requested")?;
-        }
-        if let Some((t, from, to)) = self.last {
-            write!(f, " | last: {t} {from}->{to}")?;
         }
         for v in &self.violations {
             write!(f, " | VIOLATION: {}", v.detail)?;

@@ -10,6 +10,13 @@ pub struct SingleChat {
     pub(super) matrix: Matrix,
     pub(super) options: Options,
     pub(super) triples: Vec<Triple>,
+    /// The index in `triples` of each triple, at [`triple_slot`];
+    /// [`NO_TRIPLE`] where the matrix has no such triple.
+    pub(super) triple_index: Vec<u8>,
+    /// Bit `i` is set once a committed step realised `triples[i]` (as the
+    /// last execution transition of its Update). Written by `next_state` on
+    /// any thread; read only after the run.
+    pub(super) reached: [AtomicU64; 2],
     pub(super) initial: Vec<ChatState>,
     pub(super) properties: Vec<Property<SingleChat>>,
     /// Bit `i` is set once a step was rejected with `EXPECTED_REJECTIONS[i]`.
@@ -22,15 +29,26 @@ impl SingleChat {
     ///
     /// # Panics
     ///
-    /// If the matrix has more than 128 triples (there is one property
-    /// function per triple index; the reference matrix has 70).
+    /// If the matrix has more than 128 triples (the width of the bitset
+    /// that records them; the reference matrix has 70).
     pub fn new(matrix: Matrix) -> Self {
         let triples = matrix.triples();
-        let properties = properties(&triples);
+        assert!(
+            triples.len() <= 128,
+            "the single-chat model supports at most 128 matrix triples, got {}",
+            triples.len()
+        );
+        let mut triple_index = vec![NO_TRIPLE; Transition::ALL.len() * STATES * STATES];
+        for (i, &(t, from, to)) in triples.iter().enumerate().rev() {
+            triple_index[triple_slot(t, from, to)] = i as u8;
+        }
+        let properties = properties();
         SingleChat {
             matrix,
             options: options(),
             triples,
+            triple_index,
+            reached: [AtomicU64::new(0), AtomicU64::new(0)],
             initial: initial_states(),
             properties,
             rejections: AtomicU32::new(0),
@@ -54,6 +72,14 @@ impl SingleChat {
     pub(super) fn saw(&self, kind: &RejectionKind) {
         if let Some(i) = EXPECTED_REJECTIONS.iter().position(|n| *n == kind.name()) {
             self.rejections.fetch_or(1 << i, Ordering::Relaxed);
+        }
+    }
+
+    /// Records that a committed step realised `(t, from, to)`.
+    fn realised(&self, (t, from, to): Triple) {
+        let i = self.triple_index[triple_slot(t, from, to)];
+        if i != NO_TRIPLE {
+            self.reached[usize::from(i / 64)].fetch_or(1 << (i % 64), Ordering::Relaxed);
         }
     }
 
@@ -125,9 +151,9 @@ impl SingleChat {
                 ),
             ));
         }
+        self.realised((Transition::CreateChat, ExecutionState::N, to));
         Some(ChatState {
             chat: Some(normalise(created, &self.options)),
-            last: Some((Transition::CreateChat, ExecutionState::N, to)),
             violations,
         })
     }
@@ -167,16 +193,17 @@ impl SingleChat {
                     .iter()
                     .rev()
                     .find(|o| !o.transition.is_ownership())
-                    .map(|o| (o.transition, o.from, o.to))
-                    .or(s.last);
+                    .map(|o| (o.transition, o.from, o.to));
                 let after = normalise(committed.chat, &self.options);
                 if violations.is_empty() && after.history.len() > MAX_HISTORY {
                     // Bounded history: this Update is simply not offered.
                     return None;
                 }
+                if let Some(triple) = last {
+                    self.realised(triple);
+                }
                 Some(ChatState {
                     chat: Some(after),
-                    last,
                     violations,
                 })
             }
@@ -200,10 +227,12 @@ impl SingleChat {
                 calls.len()
             ));
         };
-        // The from-state of the failing call: replay the calls before it on
-        // a bumped copy, as the Update did.
+        // The from-state of the failing call: the chat's own for the first
+        // call; for a later one, replay the calls before it on a bumped
+        // copy, as the Update did.
         let from = match chat {
             None => ExecutionState::N,
+            Some(chat) if *index == 0 => chat.state(),
             Some(chat) => {
                 let mut current = chat.clone();
                 current.row.versions.snapshot += 1;
@@ -410,7 +439,6 @@ impl SingleChat {
         next.heartbeats.insert(owner.runner_id, NOW);
         Some(ChatState {
             chat: Some(normalise(next, &self.options)),
-            last: s.last,
             violations: Vec::new(),
         })
     }
@@ -433,7 +461,6 @@ impl SingleChat {
         row.compaction_requested_at = row.compaction_requested_at.map(|t| t.minus(delta));
         Some(ChatState {
             chat: Some(normalise(next, &self.options)),
-            last: s.last,
             violations: Vec::new(),
         })
     }
@@ -445,12 +472,18 @@ impl SingleChat {
         start: &ChatState,
         actions: impl Fn(&ChatState, &mut Vec<Action>),
     ) -> bool {
-        let mut seen: HashSet<ChatState> = HashSet::from([start.clone()]);
-        let mut frontier = vec![start.clone()];
+        // The start is not copied: most searches end at its first successor.
+        let mut seen: HashSet<ChatState> = HashSet::new();
+        let mut frontier: Vec<ChatState> = Vec::new();
         let mut offered = Vec::new();
-        for _ in 0..REST_SEARCH_DEPTH {
+        for depth in 0..REST_SEARCH_DEPTH {
             let mut next = Vec::new();
-            for state in &frontier {
+            let states: Vec<&ChatState> = if depth == 0 {
+                vec![start]
+            } else {
+                frontier.iter().collect()
+            };
+            for state in states {
                 offered.clear();
                 actions(state, &mut offered);
                 for &action in &offered {
@@ -463,7 +496,7 @@ impl SingleChat {
                     if n.state().is_at_rest() {
                         return true;
                     }
-                    if seen.insert(n.clone()) {
+                    if n != *start && seen.insert(n.clone()) {
                         next.push(n);
                     }
                 }
@@ -474,6 +507,21 @@ impl SingleChat {
             frontier = next;
         }
         false
+    }
+
+    /// One `sometimes` verdict per matrix triple: was it realised?
+    pub(super) fn triple_coverage(&self) -> Vec<PropertyVerdict> {
+        let reached = [0, 1].map(|w| self.reached[w].load(Ordering::Relaxed));
+        self.triples
+            .iter()
+            .enumerate()
+            .map(|(i, (t, from, to))| PropertyVerdict {
+                name: format!("triple {t} {from}->{to}"),
+                expectation: Expectation::Sometimes,
+                holds: reached[i / 64] & (1 << (i % 64)) != 0,
+                path: None,
+            })
+            .collect()
     }
 
     pub(super) fn rejection_coverage(&self) -> Vec<PropertyVerdict> {
@@ -621,4 +669,15 @@ pub(super) fn version_mismatch(before: &Chat, after: &Chat) -> Option<String> {
         }
     }
     None
+}
+
+/// The number of execution states.
+const STATES: usize = ExecutionState::ALL.len();
+
+/// An entry of [`SingleChat::triple_index`] for a triple the matrix lacks.
+pub(super) const NO_TRIPLE: u8 = u8::MAX;
+
+/// Where a triple sits in [`SingleChat::triple_index`].
+pub(super) fn triple_slot(t: Transition, from: ExecutionState, to: ExecutionState) -> usize {
+    (t as usize * STATES + from as usize) * STATES + to as usize
 }

@@ -1,6 +1,7 @@
 //! The properties: the step checks as always-properties, the state
-//! predicates, one `sometimes` per matrix triple and per state, and the
-//! rejection kinds the run must produce.
+//! predicates and one `sometimes` per state, all checked by stateright; the
+//! matrix triples and the rejection kinds the run must produce are recorded
+//! by the steps themselves (see [`SingleChat::triple_coverage`]).
 
 use super::*;
 
@@ -23,13 +24,7 @@ pub(super) const QUEUE_CAP_NAME: &str = "queue never exceeds the cap";
 pub(super) const RECONCILE_NAME: &str = "Invalid reconciles into E0/E1";
 pub(super) const REST_NAME: &str = "idle or error reachable from runnable";
 
-pub(super) fn properties(triples: &[Triple]) -> Vec<Property<SingleChat>> {
-    assert!(
-        triples.len() <= TRIPLE_CONDITIONS.len(),
-        "the single-chat model supports at most {} matrix triples, got {}",
-        TRIPLE_CONDITIONS.len(),
-        triples.len()
-    );
+pub(super) fn properties() -> Vec<Property<SingleChat>> {
     let mut out: Vec<Property<SingleChat>> = vec![
         Property::always(
             Check::StaysValid.property_name(),
@@ -63,12 +58,6 @@ pub(super) fn properties(triples: &[Triple]) -> Vec<Property<SingleChat>> {
         Property::always(RECONCILE_NAME, invalid_reconciles),
         Property::always(REST_NAME, rest_reachable),
     ];
-    for (i, (t, from, to)) in triples.iter().enumerate() {
-        out.push(Property::sometimes(
-            intern(format!("triple {t} {from}->{to}")),
-            TRIPLE_CONDITIONS[i],
-        ));
-    }
     for (i, state) in ExecutionState::ALL.iter().enumerate() {
         if *state != ExecutionState::Invalid {
             out.push(Property::sometimes(
@@ -80,10 +69,9 @@ pub(super) fn properties(triples: &[Triple]) -> Vec<Property<SingleChat>> {
     out
 }
 
-/// Property names must be `&'static str`; the triple and state names are
-/// built at run time, so each distinct name is leaked once and reused by
-/// every later model (a few dozen bytes per name, bounded by the matrices
-/// a process ever checks).
+/// Property names must be `&'static str`; the state names are built at run
+/// time, so each distinct name is leaked once and reused by every later
+/// model (a few dozen bytes per name, thirteen names in all).
 pub(super) fn intern(name: String) -> &'static str {
     static NAMES: OnceLock<Mutex<BTreeSet<&'static str>>> = OnceLock::new();
     let mut names = NAMES
@@ -151,10 +139,6 @@ pub(super) fn rest_reachable(m: &SingleChat, s: &ChatState) -> bool {
         || m.reaches_rest(s, |state, out| m.actions(state, out))
 }
 
-pub(super) fn triple_reached<const I: usize>(m: &SingleChat, s: &ChatState) -> bool {
-    s.last.is_some() && m.triples.get(I) == s.last.as_ref()
-}
-
 pub(super) fn state_reached<const I: usize>(_: &SingleChat, s: &ChatState) -> bool {
     s.state() == ExecutionState::ALL[I]
 }
@@ -163,13 +147,6 @@ pub(super) fn state_reached<const I: usize>(_: &SingleChat, s: &ChatState) -> bo
 macro_rules! indexed {
     ($f:ident; $($i:literal)*) => { [$($f::<$i> as Condition),*] };
 }
-
-pub(super) const TRIPLE_CONDITIONS: [Condition; 128] = indexed!(triple_reached;
-    0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31
-    32 33 34 35 36 37 38 39 40 41 42 43 44 45 46 47 48 49 50 51 52 53 54 55 56 57 58 59 60 61
-    62 63 64 65 66 67 68 69 70 71 72 73 74 75 76 77 78 79 80 81 82 83 84 85 86 87 88 89 90 91
-    92 93 94 95 96 97 98 99 100 101 102 103 104 105 106 107 108 109 110 111 112 113 114 115
-    116 117 118 119 120 121 122 123 124 125 126 127);
 
 pub(super) const REACH_CONDITIONS: [Condition; 14] =
     indexed!(state_reached; 0 1 2 3 4 5 6 7 8 9 10 11 12 13);

@@ -74,15 +74,13 @@ impl Violation {
     }
 }
 
-/// A state of the model: the normalised chat, the last execution
-/// transition, and the checks that failed on the way in.
+/// A state of the model: the normalised chat and the checks that failed on
+/// the way in. Which matrix triples were realised is not part of the
+/// state: the model records it in a bitset as the steps happen.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct ChatState {
     /// The chat; `None` before CreateChat (state N).
     pub chat: Option<Chat>,
-    /// The last execution transition committed, as a matrix triple (kept
-    /// by ownership-only Updates, heartbeats and staleness).
-    pub last: Option<Triple>,
     /// Step checks that failed on the step into this state; empty in every
     /// healthy state. A state with a violation has no successors.
     pub violations: Vec<Violation>,
@@ -97,7 +95,6 @@ impl ChatState {
     pub(super) fn with_violations(&self, violations: Vec<Violation>) -> ChatState {
         ChatState {
             chat: self.chat.clone(),
-            last: self.last,
             violations,
         }
     }
@@ -111,7 +108,6 @@ pub(super) fn initial_states() -> Vec<ChatState> {
         .chain([ChatStatus::Other(LEGACY_STATUS.to_owned())]);
     let mut out = vec![ChatState {
         chat: None,
-        last: None,
         violations: Vec::new(),
     }];
     for status in statuses {
@@ -120,7 +116,6 @@ pub(super) fn initial_states() -> Vec<ChatState> {
                 if ExecutionState::classify(&status, archived, queued) == ExecutionState::Invalid {
                     out.push(ChatState {
                         chat: Some(invalid_chat(status.clone(), archived, queued)),
-                        last: None,
                         violations: Vec::new(),
                     });
                 }

@@ -117,10 +117,7 @@ fn display_is_one_readable_line() {
             Action::CreateChat(CreatePick::UserMessage),
         )
         .expect("CreateChat commits");
-    assert_eq!(
-        created.to_string(),
-        "R0 | history: user | last: CreateChat N->R0"
-    );
+    assert_eq!(created.to_string(), "R0 | history: user");
     assert_eq!(
         Action::Bundle(Op::CommitStep(StepPick::Text), Op::FinishTurn).to_string(),
         "CommitStep(text) + FinishTurn"
@@ -128,5 +125,42 @@ fn display_is_one_readable_line() {
     assert_eq!(
         format!("{:?}", Action::Update(Op::SendMessage(BusyBehavior::Queue))),
         "SendMessage(queue)"
+    );
+}
+
+#[test]
+fn a_committed_step_records_its_triple_and_nothing_else() {
+    let m = SingleChat::new(Matrix::REFERENCE);
+    let held = |m: &SingleChat| -> Vec<String> {
+        m.triple_coverage()
+            .into_iter()
+            .filter(|v| v.holds)
+            .map(|v| v.name)
+            .collect()
+    };
+    assert!(held(&m).is_empty());
+    let created = m
+        .next_state(
+            &initial_states()[0],
+            Action::CreateChat(CreatePick::UserMessage),
+        )
+        .expect("CreateChat commits");
+    assert_eq!(held(&m), ["triple CreateChat N->R0"]);
+    // A bundle records the last execution transition of its Update only;
+    // a rejected Update and an ownership-only one record nothing.
+    m.next_state(
+        &created,
+        Action::Bundle(Op::CommitStep(StepPick::Text), Op::FinishTurn),
+    )
+    .expect("the bundle commits");
+    assert!(
+        m.next_state(&created, Action::Update(Op::SetArchived(true)))
+            .is_none()
+    );
+    m.next_state(&created, Action::Update(Op::Acquire))
+        .expect("Acquire commits");
+    assert_eq!(
+        held(&m),
+        ["triple CreateChat N->R0", "triple FinishTurn R0->W"]
     );
 }
