@@ -19,12 +19,14 @@
 //! reconciliation, an idle state is reachable) are plain state predicates;
 //! "an idle or error state is reachable" is a breadth-first search of at
 //! most [`REST_SEARCH_DEPTH`] steps, first over the actions that end work
-//! and only then over all of them. Every matrix triple and every non-Invalid state has a `sometimes`
-//! property, so a dead matrix cell fails the check.
+//! and only then over all of them. Every non-Invalid state has a
+//! `sometimes` property.
 //!
-//! Besides the stateright properties, the report lists which rejection kinds
-//! the run produced ("rejects with ..."): the representative inputs are meant
-//! to exercise every one of them, MessageQueueFull included.
+//! Besides the stateright properties, the report lists which matrix triples
+//! the run realised ("triple ...", one `sometimes` verdict each, so a dead
+//! matrix cell fails the check) and which rejection kinds it produced
+//! ("rejects with ..."): the representative inputs are meant to exercise
+//! every one of them, MessageQueueFull included.
 //!
 //! # Keeping the space finite
 //!
