@@ -16,12 +16,29 @@ pub(crate) struct Args {
     /// Checker threads [default: the number of CPUs].
     #[arg(long, short = 't', value_parser = clap::value_parser!(u16).range(1..))]
     threads: Option<u16>,
+    /// Run only this model [default: every model, in order].
+    #[arg(long, value_enum)]
+    model: Option<Which>,
+}
+
+/// A model `chatstate check --model` can run alone (for timing one model).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Which {
+    /// One chat under every transition (the matrix against the semantics).
+    Single,
+    /// Clients and workers on one chat row (the Update protocol).
+    Concurrency,
+    /// Worker runtimes on one chat, two workers then three.
+    Runtime,
 }
 
 impl Args {
     /// Arguments with the given thread count (`None`: one per CPU).
     pub(crate) fn with_threads(threads: Option<u16>) -> Self {
-        Args { threads }
+        Args {
+            threads,
+            model: None,
+        }
     }
 }
 
@@ -38,6 +55,15 @@ pub(crate) const MODELS: &[ModelCheck] = &[
     chatstate_model::check::runtime::run_three_workers,
 ];
 
+/// The entries of [`MODELS`] that `--model` selects.
+fn selected(which: Which) -> &'static [ModelCheck] {
+    match which {
+        Which::Single => &MODELS[..1],
+        Which::Concurrency => &MODELS[1..2],
+        Which::Runtime => &MODELS[2..],
+    }
+}
+
 /// Runs every check in order and prints its report; fails the process if
 /// any property of any model fails.
 pub(crate) fn run(args: &Args, checks: &[ModelCheck]) -> anyhow::Result<ExitCode> {
@@ -45,6 +71,10 @@ pub(crate) fn run(args: &Args, checks: &[ModelCheck]) -> anyhow::Result<ExitCode
         || std::thread::available_parallelism().map_or(1, NonZeroUsize::get),
         usize::from,
     );
+    let checks: &[ModelCheck] = match args.model {
+        Some(which) => selected(which),
+        None => checks,
+    };
     let mut all_hold = true;
     for check in checks {
         let report = check(threads);

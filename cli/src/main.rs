@@ -29,6 +29,11 @@ mod trace;
 mod tracegen;
 mod work;
 
+/// mimalloc instead of the system allocator: `chatstate check` spends much
+/// of its time allocating and freeing small chat states.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The chat execution state toolkit: model checks, the matrix, trace
 /// replay, simulation, benchmarks and the model Explorer.
 #[derive(Debug, Parser)]

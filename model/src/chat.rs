@@ -19,7 +19,7 @@ use crate::data::{
 use crate::input::{Input, Options};
 use crate::notify::Notification;
 use crate::reject::{Rejection, RejectionKind, reasons};
-use crate::rules::{Assigned, EditContext, EditTarget, Env, Outcome, Plan, Snapshot, decide};
+use crate::rules::{Assigned, EditContext, EditTarget, Env, Outcome, Plan, Snapshot, decide, gate};
 use crate::state::{ChatStatus, ExecutionState};
 use crate::transition::{Matrix, Transition};
 
@@ -282,25 +282,41 @@ impl Chat {
 /// The snapshot bump is not part of a step but of the Update around it
 /// (see [`update`]).
 pub fn step(chat: &Chat, input: &Input, env: &StepEnv<'_>) -> Result<(Chat, Outcome), Rejection> {
-    let snap = chat.snapshot(env.now, env.options);
+    let plan = plan(chat, false, input, env)?;
+    let mut next = chat.clone();
+    let assigned = next.apply(&plan, env.now);
+    Ok((next, plan.outcome(&assigned)))
+}
+
+/// The plan of one transition on `chat` (seen with its snapshot bumped by
+/// one when `bump`, as inside an Update that has not applied a call yet).
+/// The gate runs first, on the chat itself: a transition the matrix
+/// forbids is rejected without building a snapshot.
+fn plan(chat: &Chat, bump: bool, input: &Input, env: &StepEnv<'_>) -> Result<Plan, Rejection> {
+    let rules_env = Env {
+        options: env.options,
+        matrix: env.matrix,
+        fence: env.fence,
+        history: None,
+        edit: None,
+    };
+    gate(input.transition(), chat.state(), &chat.row, &rules_env)?;
+    let mut snap = chat.snapshot(env.now, env.options);
+    if bump {
+        snap.row.versions.snapshot += 1;
+    }
     let edit = match input {
         Input::EditMessage { message_id, .. } => Some(chat.edit_context(*message_id)),
         _ => None,
     };
-    let plan = decide(
+    decide(
         &snap,
         input,
         &Env {
-            options: env.options,
-            matrix: env.matrix,
-            fence: env.fence,
-            history: None,
             edit: edit.as_ref(),
+            ..rules_env
         },
-    )?;
-    let mut next = chat.clone();
-    let assigned = next.apply(&plan, env.now);
-    Ok((next, plan.outcome(&assigned)))
+    )
 }
 
 /// One transition of an Update, with its optional runner fence.
@@ -365,26 +381,41 @@ pub fn update(
             },
         });
     };
-    let mut current = chat.clone();
-    current.row.versions.snapshot += 1;
+    // The chat is copied (and its copy bumped) only once the first call is
+    // accepted; every call then applies to that one copy in place, and a
+    // rejection drops it.
+    let mut bumped: Option<Chat> = None;
     let mut outcomes = Vec::with_capacity(calls.len());
     for (index, call) in calls.iter().enumerate() {
         let env = StepEnv {
             fence: call.fence,
             ..*env
         };
-        match step(&current, &call.input, &env) {
-            Ok((next, outcome)) => {
-                current = next;
-                outcomes.push(outcome);
-            }
-            Err(rejection) => return Err(UpdateRejected { index, rejection }),
-        }
+        let plan = plan(
+            bumped.as_ref().unwrap_or(chat),
+            bumped.is_none(),
+            &call.input,
+            &env,
+        )
+        .map_err(|rejection| UpdateRejected { index, rejection })?;
+        let current = bumped.get_or_insert_with(|| bump(chat));
+        let assigned = current.apply(&plan, env.now);
+        outcomes.push(plan.outcome(&assigned));
     }
-    let notifications = crate::notify::after_update(&current.snapshot(env.now, env.options));
+    let current = bumped.unwrap_or_else(|| bump(chat));
+    // What `after_update` reads of a snapshot, without building one.
+    let needs_hint = current.state().is_runnable() && !current.lease_fresh(env.now, env.options);
+    let notifications = crate::notify::after_commit(&current.row, needs_hint);
     Ok(Committed {
         chat: current,
         outcomes,
         notifications,
     })
+}
+
+/// A copy of `chat` with its snapshot version bumped, as an Update holds it.
+fn bump(chat: &Chat) -> Chat {
+    let mut copy = chat.clone();
+    copy.row.versions.snapshot += 1;
+    copy
 }

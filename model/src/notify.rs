@@ -160,14 +160,20 @@ impl Notification {
 /// `chat:ownership` hint if the chat is runnable and its lease is missing
 /// or stale.
 pub fn after_update(snap: &Snapshot) -> Vec<Notification> {
+    after_commit(&snap.row, snap.needs_hint())
+}
+
+/// [`after_update`] from the committed row and whether it needs a hint
+/// (for callers that hold no snapshot and need none other).
+pub(crate) fn after_commit(row: &ChatRow, needs_hint: bool) -> Vec<Notification> {
     let mut out = vec![Notification::Update {
-        chat_id: snap.row.id,
-        update: ChatUpdate::from_row(&snap.row),
+        chat_id: row.id,
+        update: ChatUpdate::from_row(row),
     }];
-    if snap.needs_hint() {
+    if needs_hint {
         out.push(Notification::Ownership(OwnershipHint {
-            chat_id: snap.row.id,
-            snapshot_version: snap.row.versions.snapshot,
+            chat_id: row.id,
+            snapshot_version: row.versions.snapshot,
         }));
     }
     out

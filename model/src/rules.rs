@@ -321,6 +321,54 @@ pub struct Outcome {
     pub requires_action_deadline: Option<Timestamp>,
 }
 
+/// The checks [`decide`] makes before it looks at the input: the fence,
+/// the history expectation, then the matrix (with InvalidState for an
+/// Invalid chat and a reason for reconciling a valid one). They read only
+/// the transition, the from-state and the row, so a caller holding a whole
+/// chat can run them before it builds a [`Snapshot`].
+pub(crate) fn gate(
+    transition: Transition,
+    from: ExecutionState,
+    row: &ChatRow,
+    env: &Env<'_>,
+) -> Result<(), Rejection> {
+    let reject = |kind| Rejection {
+        transition,
+        from,
+        kind,
+    };
+    // Fenced worker calls first: a worker that lost its lease learns that,
+    // whatever state the chat is in now.
+    if let Some(expected) = env.fence {
+        let actual = row.owner.map(|o| o.runner_id);
+        if actual != Some(expected) {
+            return Err(reject(RejectionKind::LeaseLost { expected, actual }));
+        }
+    }
+    // A step generated from an old history (an EditMessage keeps the owner,
+    // so the fence alone cannot tell) is refused.
+    if let Some(expected) = env.history {
+        let actual = row.versions.history;
+        if actual != expected {
+            return Err(reject(RejectionKind::HistoryChanged { expected, actual }));
+        }
+    }
+    match transition {
+        Transition::Acquire | Transition::Abandon => Ok(()),
+        Transition::ReconcileInvalidState if from != ExecutionState::Invalid => {
+            Err(reject(RejectionKind::TransitionNotAllowed {
+                reason: Some(reasons::RECONCILE_VALID),
+            }))
+        }
+        Transition::ReconcileInvalidState => Ok(()),
+        _ if from == ExecutionState::Invalid => Err(reject(RejectionKind::InvalidState)),
+        _ if !env.matrix.allows(transition, from) => {
+            Err(reject(RejectionKind::TransitionNotAllowed { reason: None }))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Decides one transition against a snapshot.
 ///
 /// Validation order: the runner fence (fenced calls only), then the
@@ -346,39 +394,7 @@ pub fn decide(snap: &Snapshot, input: &Input, env: &Env<'_>) -> Result<Plan, Rej
             reason: Some(reason),
         })
     };
-
-    // Fenced worker calls first: a worker that lost its lease learns that,
-    // whatever state the chat is in now.
-    if let Some(expected) = env.fence {
-        let actual = snap.row.owner.map(|o| o.runner_id);
-        if actual != Some(expected) {
-            return Err(reject(RejectionKind::LeaseLost { expected, actual }));
-        }
-    }
-    // A step generated from an old history (an EditMessage keeps the owner,
-    // so the fence alone cannot tell) is refused.
-    if let Some(expected) = env.history {
-        let actual = snap.row.versions.history;
-        if actual != expected {
-            return Err(reject(RejectionKind::HistoryChanged { expected, actual }));
-        }
-    }
-    match transition {
-        Transition::Acquire | Transition::Abandon => {}
-        Transition::ReconcileInvalidState => {
-            if from != ExecutionState::Invalid {
-                return Err(not_allowed(reasons::RECONCILE_VALID));
-            }
-        }
-        _ => {
-            if from == ExecutionState::Invalid {
-                return Err(reject(RejectionKind::InvalidState));
-            }
-            if !env.matrix.allows(transition, from) {
-                return Err(reject(RejectionKind::TransitionNotAllowed { reason: None }));
-            }
-        }
-    }
+    gate(transition, from, &snap.row, env)?;
 
     let mut d = Draft::new(snap, transition, from);
     let options = env.options;

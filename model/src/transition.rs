@@ -267,18 +267,47 @@ pub const MATRIX: &[Cell] = &[
 /// A view of a transition matrix. [`Matrix::REFERENCE`] is the one the
 /// project runs on; tests build altered copies to show that the model
 /// checker notices a wrong cell.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy)]
 pub struct Matrix {
     cells: &'static [Cell],
+    /// The index in `cells` of each (transition, from) cell, [`NO_CELL`]
+    /// where the pair is not allowed: the exhaustive checks look cells up
+    /// about a hundred times per state, and a scan of the cells is slower.
+    index: [[u8; ExecutionState::ALL.len()]; Transition::ALL.len()],
+}
+
+/// An entry of [`Matrix::index`] for a pair without a cell.
+const NO_CELL: u8 = u8::MAX;
+
+impl fmt::Debug for Matrix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Matrix")
+            .field("cells", &self.cells)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Matrix {
     /// The reference matrix ([`MATRIX`]).
-    pub const REFERENCE: Matrix = Matrix { cells: MATRIX };
+    pub const REFERENCE: Matrix = Matrix::from_cells(MATRIX);
 
     /// A matrix over other cells (for tests that mutate the matrix).
+    ///
+    /// # Panics
+    ///
+    /// If there are 255 cells or more (the reference matrix has 51); a
+    /// pair listed twice keeps its first cell, as a scan would.
     pub const fn from_cells(cells: &'static [Cell]) -> Self {
-        Matrix { cells }
+        assert!(cells.len() < NO_CELL as usize, "too many matrix cells");
+        let mut index = [[NO_CELL; ExecutionState::ALL.len()]; Transition::ALL.len()];
+        let mut i = cells.len();
+        // Backwards, so that the first of duplicate cells wins.
+        while i > 0 {
+            i -= 1;
+            let c = &cells[i];
+            index[c.transition as usize][c.from as usize] = i as u8;
+        }
+        Matrix { cells, index }
     }
 
     /// Every cell, grouped by from-state in canonical order.
@@ -288,9 +317,11 @@ impl Matrix {
 
     /// The cell of (transition, from), if the pair is allowed.
     pub fn cell(&self, transition: Transition, from: ExecutionState) -> Option<&'static Cell> {
-        self.cells
-            .iter()
-            .find(|c| c.transition == transition && c.from == from)
+        let cells = self.cells;
+        match self.index[transition as usize][from as usize] {
+            NO_CELL => None,
+            i => Some(&cells[usize::from(i)]),
+        }
     }
 
     /// True if the matrix allows `transition` from `from`.

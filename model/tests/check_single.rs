@@ -14,8 +14,9 @@ use ExecutionState::{E0, R0, R1, W};
 
 /// Unique states of the full run over the reference matrix. When this
 /// changes, the model, its inputs or the semantics changed: find out which
-/// before updating the number.
-const UNIQUE_STATES: usize = 78_616;
+/// before updating the number. (It was 78,616 while each state also kept the
+/// last matrix triple; the chats are the same 31,189.)
+const UNIQUE_STATES: usize = 31_189;
 
 /// Always-properties, matrix triples, reachable states, rejection kinds.
 const PROPERTIES: usize = 10 + 70 + 13 + 11;

@@ -6,6 +6,7 @@
 
 mod admin;
 mod bench;
+mod check;
 mod demo;
 mod explore;
 mod limits;
