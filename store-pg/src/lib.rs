@@ -83,6 +83,7 @@ pub mod inspect;
 mod jsonb;
 mod listen;
 pub mod migrations;
+mod pooling;
 mod resolve;
 pub mod throwaway;
 mod tx;
@@ -106,6 +107,7 @@ pub use error::PgStoreFault;
 pub use inspect::{ChatFilter, inspect_chat, list_chats};
 pub use listen::{LISTENER_APPLICATION_NAME, ListenerEvent, PgNotifyListener, update_channel};
 pub use migrations::{MigrationStatus, migration_status, pending_sql};
+pub use pooling::Pooling;
 pub use resolve::CommitLost;
 pub use tx::PgTx;
 
@@ -114,7 +116,9 @@ use crate::error::{is_foreign_key_violation, store_error};
 use crate::idle::IdleConnections;
 use crate::resolve::Resolver;
 use crate::sql::Opening;
-use crate::tx::{RoundTrips, bind_row, message_json, micros, stored_json, tool_state_json};
+use crate::tx::{
+    RoundTrips, TxContext, bind_row, message_json, micros, stored_json, tool_state_json,
+};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -224,6 +228,22 @@ pub(crate) fn record_round_trips(n: u64) {
 /// without the pool (measured in docs/postgres.md, "Checking connections
 /// on checkout").
 pub fn pool_options() -> PgPoolOptions {
+    pool_options_for(Pooling::Session)
+}
+
+/// Pool options for a store with the given [`Pooling`]:
+/// [`pool_options`] for [`Pooling::Session`]; for
+/// [`Pooling::Transaction`] the same without the session set-up (nothing
+/// prepared, no session settings: a transaction pooler would hand them to
+/// somebody else). Behind a transaction pooler, also turn sqlx's statement
+/// cache off on the connect options (`statement_cache_capacity(0)`) for
+/// any other code that shares the pool.
+pub fn pool_options_for(pooling: Pooling) -> PgPoolOptions {
+    if !pooling.persistent() {
+        return PgPoolOptions::new()
+            .test_before_acquire(false)
+            .max_connections(16);
+    }
     PgPoolOptions::new()
         .test_before_acquire(false)
         .max_connections(16)
@@ -253,6 +273,8 @@ pub struct PgStore {
     round_trips: RoundTrips,
     /// Connections between transactions (see the `idle` module).
     idle: Arc<IdleConnections>,
+    /// What the store may keep in a session (see [`Pooling`]).
+    pooling: Pooling,
 }
 
 impl PgStore {
@@ -268,7 +290,76 @@ impl PgStore {
             pool,
             round_trips: RoundTrips::default(),
             idle: Arc::new(idle),
+            pooling: Pooling::Session,
         }
+    }
+
+    /// The same store, for what sits between it and the server: behind a
+    /// transaction pooler (PgBouncer `pool_mode = transaction`), give
+    /// [`Pooling::Transaction`] and build the pool with
+    /// [`pool_options_for`]`(Pooling::Transaction)`. See [`Pooling`].
+    pub fn with_pooling(mut self, pooling: Pooling) -> Self {
+        self.pooling = pooling;
+        self
+    }
+
+    /// What the store keeps in a session.
+    pub fn pooling(&self) -> Pooling {
+        self.pooling
+    }
+
+    /// Checks that what sits between the store and the server suits its
+    /// [`Pooling`]; run it once at start-up.
+    ///
+    /// - [`Pooling::Session`]: the connections must keep their server
+    ///   session between transactions. A probe on two connections of the
+    ///   pool (a few requests; skipped for a pool of one connection) tells
+    ///   a transaction pooler by the backend changing under a connection:
+    ///   [`PgStoreFault::SessionChanged`] then. The store's session state
+    ///   (prepared statements, settings) would otherwise meet another
+    ///   client's.
+    /// - [`Pooling::Transaction`]: the store cannot pin the isolation level
+    ///   of the statements it runs outside transactions, so the database's
+    ///   `default_transaction_isolation` must be `read committed`
+    ///   ([`PgStoreFault::IsolationNotReadCommitted`] otherwise).
+    pub async fn check_pooling(&self) -> Result<(), StoreError> {
+        const CONTEXT: &str = "check pooling";
+        if self.pooling.persistent() {
+            if self.pool.options().get_max_connections() < 2 {
+                return Ok(());
+            }
+            let pooled = pooling::runs_on_transaction_pooler(&self.pool)
+                .await
+                .map_err(|e| store_error(CONTEXT, e))?;
+            if pooled {
+                let detail = "the backend changed between a connection's transactions".to_owned();
+                return Err(PgStoreFault::SessionChanged { detail }.into_store(CONTEXT));
+            }
+            return Ok(());
+        }
+        let mut conn = self.connection().await?;
+        self.round_trips.tick();
+        let level: String = sqlx::query_scalar("SHOW default_transaction_isolation")
+            .persistent(false)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(|e| store_error(CONTEXT, e))?;
+        self.keep(conn);
+        if level != "read committed" {
+            return Err(PgStoreFault::IsolationNotReadCommitted { level }.into_store(CONTEXT));
+        }
+        Ok(())
+    }
+
+    /// Counts the requests of one statement with parameters sent outside
+    /// a transaction, and records them on the current span.
+    fn tick_statement(&self, so_far: u64) -> u64 {
+        let n = self.pooling.requests_per_statement();
+        for _ in 0..n {
+            self.round_trips.tick();
+        }
+        record_round_trips(so_far + n);
+        so_far + n
     }
 
     /// The pool.
@@ -290,7 +381,9 @@ impl PgStore {
     pub async fn heartbeat_rows(&self) -> Result<usize, StoreError> {
         const CONTEXT: &str = "count heartbeat rows";
         self.round_trips.tick();
-        let row = sqlx::query(sql::HEARTBEAT_ROWS)
+        let row = self
+            .pooling
+            .query(sql::HEARTBEAT_ROWS)
             .fetch_one(&self.pool)
             .await
             .map_err(|e| store_error(CONTEXT, e))?;
@@ -303,7 +396,9 @@ impl PgStore {
     pub async fn lock_waiters(&self) -> Result<usize, StoreError> {
         const CONTEXT: &str = "count lock waiters";
         self.round_trips.tick();
-        let row = sqlx::query(sql::LOCK_WAITERS)
+        let row = self
+            .pooling
+            .query(sql::LOCK_WAITERS)
             .fetch_one(&self.pool)
             .await
             .map_err(|e| store_error(CONTEXT, e))?;
@@ -318,16 +413,13 @@ impl PgStore {
         options: &Options,
     ) -> Result<Option<(PgTx, Snapshot)>, StoreError> {
         let conn = self.connection().await?;
-        PgTx::open(
-            conn,
-            self.idle.clone(),
-            self.round_trips.clone(),
-            Resolver::new(self.pool.connect_options()),
-            opening,
-            chat,
-            options,
-        )
-        .await
+        let context = TxContext {
+            idle: self.idle.clone(),
+            round_trips: self.round_trips.clone(),
+            resolver: Resolver::new(self.pool.connect_options()),
+            pooling: self.pooling,
+        };
+        PgTx::open(conn, context, opening, chat, options).await
     }
 
     /// A connection: one this store kept from an earlier request, else one
@@ -406,9 +498,10 @@ impl Store for PgStore {
         let labels = jsonb::encode_text(&serde_json::json!(metadata.labels));
         let tools = jsonb::encode_text(&serde_json::json!(row.dynamic_tools));
         let mut conn = self.connection().await?;
-        self.round_trips.tick();
-        record_round_trips(1);
-        let query = sqlx::query(sql::CREATE_CHAT)
+        let trips = self.tick_statement(0);
+        let query = self
+            .pooling
+            .query(sql::CREATE_CHAT)
             .bind(row.id.0)
             .bind(row.owner_id);
         let out = bind_row(query, row)
@@ -445,9 +538,10 @@ impl Store for PgStore {
         }
         // The conflicting row was committed by a concurrent create after
         // this statement's snapshot was taken: read it now.
-        self.round_trips.tick();
-        record_round_trips(2);
-        let existing = sqlx::query(sql::CHAT_STATE)
+        self.tick_statement(trips);
+        let existing = self
+            .pooling
+            .query(sql::CHAT_STATE)
             .bind(row.id.0)
             .fetch_optional(&mut *conn)
             .await
@@ -467,9 +561,10 @@ impl Store for PgStore {
     async fn heartbeat(&self, chat: ChatId, runner: RunnerId) -> Result<LeaseStatus, StoreError> {
         const CONTEXT: &str = "upsert heartbeat";
         let mut conn = self.connection().await?;
-        self.round_trips.tick();
-        record_round_trips(1);
-        let row = match sqlx::query(sql::HEARTBEAT)
+        self.tick_statement(0);
+        let row = match self
+            .pooling
+            .query(sql::HEARTBEAT)
             .bind(chat.0)
             .bind(runner.0)
             .fetch_one(&mut *conn)
@@ -539,18 +634,21 @@ impl PgStore {
             .collect();
         let stale = micros(options.heartbeat_stale);
         let query = match among {
-            Among::All { limit } => sqlx::query(sql::CLAIMABLE)
+            Among::All { limit } => self
+                .pooling
+                .query(sql::CLAIMABLE)
                 .bind(statuses)
                 .bind(stale)
                 .bind(limit),
-            Among::These(ids) => sqlx::query(sql::CLAIMABLE_AMONG)
+            Among::These(ids) => self
+                .pooling
+                .query(sql::CLAIMABLE_AMONG)
                 .bind(statuses)
                 .bind(stale)
                 .bind(ids),
         };
         let mut conn = self.connection().await?;
-        self.round_trips.tick();
-        record_round_trips(1);
+        self.tick_statement(0);
         let rows = query
             .fetch_all(&mut *conn)
             .await
@@ -568,7 +666,8 @@ impl TestControl for PgStore {
     async fn advance_clock(&self, by: Duration) -> Result<(), StoreError> {
         const CONTEXT: &str = "advance clock";
         self.round_trips.tick();
-        sqlx::query(sql::ADVANCE_CLOCK)
+        self.pooling
+            .query(sql::ADVANCE_CLOCK)
             .bind(micros(by))
             .execute(&self.pool)
             .await
@@ -584,7 +683,9 @@ impl TestControl for PgStore {
     ) -> Result<(), StoreError> {
         const CONTEXT: &str = "set raw state";
         self.round_trips.tick();
-        let done = sqlx::query(sql::SET_RAW_STATE)
+        let done = self
+            .pooling
+            .query(sql::SET_RAW_STATE)
             .bind(chat.0)
             .bind(status.as_str())
             .bind(archived)

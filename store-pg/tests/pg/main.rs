@@ -16,6 +16,8 @@ mod locking;
 mod migration_tooling;
 mod misc;
 mod notify;
+mod pgbouncer;
+mod pooler;
 mod proxy;
 mod round_trips;
 mod schema;
