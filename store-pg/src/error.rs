@@ -151,6 +151,17 @@ pub enum PgStoreFault {
         /// The server's message.
         detail: String,
     },
+    /// A listener did not hear its own probe notification: its connection
+    /// does not keep a server session (a transaction pooler between it and
+    /// the server?). Connect listeners to the server directly.
+    #[error(
+        "the listener did not receive its probe notification within {waited:?}: connect it to \
+         the server directly, not through a transaction pooler"
+    )]
+    ListenerNotDelivered {
+        /// How long it waited.
+        waited: std::time::Duration,
+    },
     /// Behind a transaction pooler the database's
     /// `default_transaction_isolation` must be `read committed`.
     #[error(
@@ -179,6 +190,7 @@ impl PgStoreFault {
             | PgStoreFault::NotLocked
             | PgStoreFault::SchemaNewerThanBinary { .. }
             | PgStoreFault::SessionChanged { .. }
+            | PgStoreFault::ListenerNotDelivered { .. }
             | PgStoreFault::IsolationNotReadCommitted { .. } => StoreErrorKind::Other,
             _ => StoreErrorKind::Data,
         };

@@ -299,3 +299,23 @@ async fn session_mode_behind_a_transaction_pooler_fails_typed() {
     );
     assert_eq!(after.history.len() as i64, before.history.len() as i64 + ok);
 }
+
+/// A listener behind a transaction pooler would hear nothing, silently:
+/// connecting it there fails with a typed error; the same listener on a
+/// direct connection hears its notifications.
+#[tokio::test]
+async fn a_listener_behind_a_transaction_pooler_is_refused() {
+    let bouncer = PgBouncer::start(cluster(), Mode::Transaction, 2);
+    let name = database_name().await;
+    let behind = pool_through(&bouncer, &name, Pooling::Transaction).await;
+    let err = chatstate_store_pg::PgNotifyListener::connect(&behind)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(fault(&err), Some(PgStoreFault::ListenerNotDelivered { .. })),
+        "{err}"
+    );
+    chatstate_store_pg::PgNotifyListener::connect(&direct_pool(&name).await)
+        .await
+        .expect("a direct listener hears its probe");
+}
