@@ -235,9 +235,10 @@ pub fn pool_options() -> PgPoolOptions {
 /// [`pool_options`] for [`Pooling::Session`]; for
 /// [`Pooling::Transaction`] the same without the session set-up (nothing
 /// prepared, no session settings: a transaction pooler would hand them to
-/// somebody else). Behind a transaction pooler, also turn sqlx's statement
-/// cache off on the connect options (`statement_cache_capacity(0)`) for
-/// any other code that shares the pool.
+/// somebody else). Other code that shares such a pool must send its
+/// statements unnamed too (sqlx's `.persistent(false)`, or `raw_sql`):
+/// sqlx names the statements it prepares, even with its statement cache
+/// turned off, and a name does not outlive its transaction there.
 pub fn pool_options_for(pooling: Pooling) -> PgPoolOptions {
     if !pooling.persistent() {
         return PgPoolOptions::new()

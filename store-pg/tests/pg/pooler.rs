@@ -30,14 +30,7 @@ async fn database_name() -> String {
 
 /// A pool on `database` through `bouncer`, made for `pooling`.
 async fn pool_through(bouncer: &PgBouncer, database: &str, pooling: Pooling) -> PgPool {
-    let options = match pooling {
-        // sqlx's statement cache names statements per client connection;
-        // behind a transaction pooler nothing may be named.
-        Pooling::Transaction => bouncer
-            .connect_options(database)
-            .statement_cache_capacity(0),
-        _ => bouncer.connect_options(database),
-    };
+    let options = bouncer.connect_options(database);
     let pool_options = match pooling {
         Pooling::Transaction => pool_options_for(Pooling::Transaction),
         _ => pool_options(),
