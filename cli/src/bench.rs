@@ -1,7 +1,7 @@
 //! `chatstate bench`: Updates per second, latency and round trips per
 //! Update for representative transitions, with 1 and 8 clients, on
 //! distinct chats and on one hot chat; on Postgres, side by side with the
-//! Go original's statement sequence (`chatstate_store_pg::goshape`) on the
+//! Go original's statement sequence (`chatstate_testing::goshape`) on the
 //! same server.
 //!
 //! Each case gets fresh chats, a short warm-up (connections, prepared
@@ -25,8 +25,7 @@ use chatstate::{
     RunnerId, Store, WorkerId, create_chat,
 };
 use chatstate_store_mem::MemStore;
-use chatstate_store_pg::PgStore;
-use chatstate_store_pg::goshape::GoShapedOutcome;
+use chatstate_testing::goshape::{GoShaped, GoShapedOutcome};
 use serde::Serialize;
 
 use crate::simulate::{StoreKind, percentile};
@@ -132,11 +131,13 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<ExitCode> {
             }
             StoreKind::Pg => {
                 let target = crate::pg::connect(args.database_url.as_deref()).await?;
+                let go = GoShaped::new(target.store.pool().clone());
+                // A case runs either shape; the sum counts whichever ran.
                 let counter = {
-                    let s = target.store.clone();
-                    Arc::new(move || s.round_trips()) as Counter
+                    let (s, g) = (target.store.clone(), go.clone());
+                    Arc::new(move || s.round_trips() + g.round_trips()) as Counter
                 };
-                let go = Some(target.store.clone());
+                let go = Some(go);
                 (
                     measure(target.store, go, counter, seconds, show_progress()).await?,
                     format!("pg ({})", target.description),
@@ -163,7 +164,7 @@ type Counter = Arc<dyn Fn() -> u64 + Send + Sync>;
 
 async fn measure<S: Store>(
     store: S,
-    go: Option<PgStore>,
+    go: Option<GoShaped>,
     counter: Counter,
     seconds: Duration,
     progress: bool,
@@ -264,7 +265,7 @@ async fn setup<S: Store>(store: &S, notify: &Notify, kind: Kind) -> anyhow::Resu
 
 async fn run_case<S: Store>(
     store: &S,
-    go: Option<&PgStore>,
+    go: Option<&GoShaped>,
     counter: &Counter,
     case: Case,
     seconds: Duration,
@@ -347,7 +348,7 @@ impl Measured {
 
 struct Client<S: Store> {
     machine: ChatMachine<S>,
-    go: Option<PgStore>,
+    go: Option<GoShaped>,
     chat: BenchChat,
     case: Case,
     counter: Counter,
@@ -413,14 +414,8 @@ impl<S: Store> Client<S> {
         if self.case.shape == Shape::Go {
             let go = self.go.as_ref().expect("go-shaped cases run on Postgres");
             let outcome = match self.case.kind {
-                Kind::CommitStep => {
-                    go.go_shaped_commit_step(self.chat.id, &message, &options())
-                        .await?
-                }
-                Kind::SendQueue => {
-                    go.go_shaped_send_queued(self.chat.id, &message, &options())
-                        .await?
-                }
+                Kind::CommitStep => go.commit_step(self.chat.id, &message, &options()).await?,
+                Kind::SendQueue => go.send_queued(self.chat.id, &message, &options()).await?,
                 other => unreachable!("no Go shape for {other:?}"),
             };
             if !matches!(outcome, GoShapedOutcome::Committed { .. }) {

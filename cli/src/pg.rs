@@ -3,8 +3,8 @@
 //! process starts (and that disappears when it exits), like the tests do.
 
 use anyhow::Context as _;
-use chatstate_store_pg::throwaway::Cluster;
 use chatstate_store_pg::{PgStore, Pooling};
+use chatstate_testing::throwaway::Cluster;
 
 /// A connected, migrated Postgres store and a description of where it is.
 pub(crate) struct PgTarget {

@@ -1,7 +1,7 @@
 //! Client-side time of each phase of an Update on Postgres: the opening
 //! (`begin_update`: BEGIN, row lock, snapshot), the plan's writes
 //! (`apply`) and the commit, for one client on one chat, next to the
-//! Go-shaped sequence (`goshape`) on the same server; and the CPU time per
+//! Go-shaped sequence (`chatstate_testing::goshape`) on the same server; and the CPU time per
 //! Update of this process and of the server's processes.
 //!
 //! ```sh
@@ -31,7 +31,8 @@ use chatstate::{
 };
 use chatstate_model::{Assigned, ChatRow, EditContext, MessageId, Notification, Plan, Snapshot};
 use chatstate_store_pg::PgStore;
-use chatstate_store_pg::throwaway::Cluster;
+use chatstate_testing::goshape::GoShaped;
+use chatstate_testing::throwaway::Cluster;
 
 #[derive(Default)]
 struct Phases {
@@ -351,6 +352,7 @@ async fn run() {
         if case != Case::Empty && std::env::var_os("PHASES_NO_GO").is_none() {
             let go_before = cpu_ms();
             let (go_chat, _) = chat(&store, &notify).await;
+            let baseline = GoShaped::new(store.inner.pool().clone());
             for i in 0..n + n / 10 {
                 let message = if case == Case::CommitStep {
                     NewMessage::assistant("a step")
@@ -360,16 +362,14 @@ async fn run() {
                 let started = Instant::now();
                 match case {
                     Case::CommitStep => {
-                        store
-                            .inner
-                            .go_shaped_commit_step(go_chat, &message, &options)
+                        baseline
+                            .commit_step(go_chat, &message, &options)
                             .await
                             .unwrap();
                     }
                     _ => {
-                        store
-                            .inner
-                            .go_shaped_send_queued(go_chat, &message, &options)
+                        baseline
+                            .send_queued(go_chat, &message, &options)
                             .await
                             .unwrap();
                     }

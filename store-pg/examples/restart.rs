@@ -23,7 +23,7 @@ use chatstate::{
     ChatMachine, CreateChat, Error, NewMessage, Notify, Options, RetryPolicy, create_chat,
 };
 use chatstate_store_pg::PgStore;
-use chatstate_store_pg::throwaway::Cluster;
+use chatstate_testing::throwaway::Cluster;
 
 const CLIENTS: usize = 8;
 const UPDATES_PER_CLIENT: usize = 200;

@@ -223,7 +223,8 @@ mod tests {
     use super::*;
 
     async fn connect(name: &str) -> PgConnection {
-        let cluster = crate::throwaway::Cluster::shared().unwrap_or_else(|e| panic!("{e}"));
+        let cluster =
+            chatstate_testing::throwaway::Cluster::shared().unwrap_or_else(|e| panic!("{e}"));
         PgConnection::connect_with(&cluster.connect_options(name))
             .await
             .unwrap()
@@ -264,7 +265,8 @@ mod tests {
 
     #[tokio::test]
     async fn sqlstates_provoked_on_a_server_map_to_their_kinds() {
-        let cluster = crate::throwaway::Cluster::shared().unwrap_or_else(|e| panic!("{e}"));
+        let cluster =
+            chatstate_testing::throwaway::Cluster::shared().unwrap_or_else(|e| panic!("{e}"));
         let db = cluster.create_database().await.unwrap();
         let mut admin = connect(&db).await;
         admin

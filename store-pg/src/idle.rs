@@ -22,8 +22,8 @@
 //!   dropped (or is closed, if that happens outside an async runtime,
 //!   where the pool cannot take it back).
 //!
-//! The Go-shaped baseline ([`crate::goshape`]) takes and keeps its
-//! connections the same way, so both run on the same terms.
+//! The Go-shaped benchmark baseline (`chatstate-testing`'s `goshape`)
+//! keeps its connections the same way, so both run on the same terms.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;

@@ -19,17 +19,18 @@
 //! 3. the notifications and `COMMIT`, in one simple-query message (with
 //!    the bump, when no plan wrote the row).
 //!
-//! An empty Update, Lock and ReadLock cost two (open, end). [`goshape`]
-//! runs the statement sequence of the Go original on the same schema for
-//! comparison (ten round trips).
+//! An empty Update, Lock and ReadLock cost two (open, end). The Go
+//! original's statement sequence on the same schema takes ten
+//! (`chatstate-testing`'s `goshape`, which `chatstate bench` compares
+//! with).
 //!
 //! # Pieces
 //!
 //! - [`migrate`] applies the embedded schema migrations.
 //! - [`PgNotifyListener`] receives the notifications as typed
 //!   [`chatstate_model::Notification`]s and reports reconnects.
-//! - [`throwaway`] starts a disposable Postgres cluster for tests, the test
-//!   suites of other crates and the CLI.
+//! - [`migrations`] reports a database's migrations and prints the SQL
+//!   of the pending ones.
 //!
 //! # Connection pools
 //!
@@ -52,7 +53,8 @@
 //!
 //! ```
 //! use chatstate::{ChatMachine, CreateChat, Notify, NewMessage, Options, create_chat};
-//! use chatstate_store_pg::{PgStore, throwaway::Cluster};
+//! use chatstate_store_pg::PgStore;
+//! use chatstate_testing::throwaway::Cluster;
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -76,8 +78,8 @@
 #[macro_use]
 mod sql;
 mod decode;
+mod embedded;
 mod error;
-pub mod goshape;
 mod idle;
 pub mod inspect;
 mod jsonb;
@@ -85,7 +87,6 @@ mod listen;
 pub mod migrations;
 mod pooling;
 mod resolve;
-pub mod throwaway;
 mod tx;
 
 use std::sync::Arc;
@@ -112,6 +113,7 @@ pub use resolve::CommitLost;
 pub use tx::PgTx;
 
 use crate::decode::get;
+use crate::embedded::MIGRATOR;
 use crate::error::{is_foreign_key_violation, store_error};
 use crate::idle::IdleConnections;
 use crate::resolve::Resolver;
@@ -119,8 +121,6 @@ use crate::sql::Opening;
 use crate::tx::{
     RoundTrips, TxContext, bind_row, message_json, micros, stored_json, tool_state_json,
 };
-
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// The status values the schema accepts besides the model's
 /// [`ChatStatus::KNOWN`]: legacy values a row may still hold, which
@@ -181,7 +181,7 @@ async fn database_schema_version(conn: &mut sqlx::PgConnection) -> Result<Option
 /// It calls the migrator on a concrete connection type: the generic
 /// `Migrator::run` over `Acquire` makes the returned future impossible to
 /// prove `Send` in callers that need it (a known sqlx limitation).
-pub(crate) async fn migrate_with(conn: &mut sqlx::PgConnection) -> Result<(), StoreError> {
+async fn migrate_with(conn: &mut sqlx::PgConnection) -> Result<(), StoreError> {
     const CONTEXT: &str = "migrate";
     let binary = binary_schema_version();
     let newer = |database| PgStoreFault::SchemaNewerThanBinary { database, binary };

@@ -24,7 +24,7 @@ pub const MIGRATIONS_TABLE: &str = "_sqlx_migrations";
 /// The migrations this binary embeds, in version order (up migrations
 /// only: the embedded ones are all simple, never reversible).
 fn embedded() -> impl Iterator<Item = &'static Migration> {
-    crate::MIGRATOR
+    crate::embedded::MIGRATOR
         .iter()
         .filter(|m| m.migration_type.is_up_migration())
 }

@@ -841,7 +841,8 @@ mod tests {
     #[tokio::test]
     async fn claimable_uses_the_acquisition_index() {
         use sqlx::Connection;
-        let cluster = crate::throwaway::Cluster::shared().unwrap_or_else(|e| panic!("{e}"));
+        let cluster =
+            chatstate_testing::throwaway::Cluster::shared().unwrap_or_else(|e| panic!("{e}"));
         let pool = cluster
             .new_database()
             .await
@@ -903,7 +904,8 @@ mod tests {
     #[tokio::test]
     async fn every_apply_shape_prepares() {
         use sqlx::{AssertSqlSafe, Connection};
-        let cluster = crate::throwaway::Cluster::shared().unwrap_or_else(|e| panic!("{e}"));
+        let cluster =
+            chatstate_testing::throwaway::Cluster::shared().unwrap_or_else(|e| panic!("{e}"));
         let name = cluster
             .create_database()
             .await

@@ -17,7 +17,7 @@ use chatstate::{
 use chatstate_model::oracle::{self, CommittedUpdate, Config, CreatedChat, Published, StoredChat};
 use chatstate_model::{Call, ChatId, NewChat, Options};
 use chatstate_store_pg::PgStore;
-use chatstate_store_pg::throwaway::Cluster;
+use chatstate_testing::throwaway::Cluster;
 use sqlx::Connection;
 use tokio::sync::{Notify as Signal, watch};
 

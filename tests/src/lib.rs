@@ -136,7 +136,7 @@ impl Backend for PgBackend {
     }
 
     async fn store(&self) -> chatstate_store_pg::PgStore {
-        let cluster = chatstate_store_pg::throwaway::Cluster::shared()
+        let cluster = chatstate_testing::throwaway::Cluster::shared()
             .unwrap_or_else(|e| panic!("Postgres tests cannot run: {e}"));
         let pool = cluster
             .new_database()

@@ -142,3 +142,85 @@ fn machine_never_names_sqlx() {
         assert!(!text.contains("sqlx"), "{} names sqlx", path.display());
     }
 }
+
+/// The crates an application builds: none of them may carry the test and
+/// tooling harness.
+const PRODUCTION: [&str; 5] = ["model", "machine", "store-mem", "store-pg", "worker"];
+
+/// The members a member's `[build-dependencies]` and target-specific
+/// dependency tables name (none of ours may appear there either).
+fn other_dependency_tables(member: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(root().join(member).join("Cargo.toml")).unwrap();
+    text.split("\n[")
+        .filter(|s| {
+            let header = s.lines().next().unwrap_or("");
+            header.starts_with("build-dependencies]")
+                || (header.starts_with("target.") && header.contains("dependencies]"))
+        })
+        .flat_map(|s| s.lines().skip(1))
+        .filter_map(|l| l.split(['=', '.', ' ']).next())
+        .filter(|n| n.starts_with("chatstate"))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn production_crates_do_not_depend_on_the_harness() {
+    for member in PRODUCTION {
+        assert!(
+            !normal_deps(member).contains(&"chatstate-testing".to_owned()),
+            "{member} depends on chatstate-testing"
+        );
+        assert!(
+            !other_dependency_tables(member).contains(&"chatstate-testing".to_owned()),
+            "{member} depends on chatstate-testing"
+        );
+    }
+    // The harness is never published, and depends on no test-only crate.
+    let manifest = std::fs::read_to_string(root().join("testing/Cargo.toml")).unwrap();
+    assert!(manifest.contains("\npublish = false"));
+    assert_eq!(
+        normal_deps("testing"),
+        ["chatstate", "chatstate-model", "chatstate-store-pg"]
+    );
+    // The harness and the benchmark baseline live there, not in store-pg.
+    for module in ["throwaway", "goshape"] {
+        assert!(
+            root().join(format!("testing/src/{module}.rs")).is_file(),
+            "testing/src/{module}.rs"
+        );
+        for (path, text) in sources(&root().join("store-pg/src")) {
+            assert!(
+                !text.contains(&format!("mod {module}")),
+                "{} declares {module}",
+                path.display()
+            );
+        }
+    }
+}
+
+#[test]
+fn sqlx_is_built_without_its_macros() {
+    // The `macros` feature compiles sqlx and its driver a second time, for
+    // the procedural macros; the migrations are embedded without it.
+    let workspace = std::fs::read_to_string(root().join("Cargo.toml")).unwrap();
+    let members = workspace
+        .lines()
+        .find_map(|l| l.strip_prefix("members = "))
+        .expect("the workspace lists its members");
+    let members: Vec<&str> = members
+        .trim_matches(['[', ']'])
+        .split(',')
+        .map(|m| m.trim().trim_matches('"'))
+        .collect();
+    assert!(members.contains(&"testing"), "{members:?}");
+    for member in std::iter::once("").chain(members) {
+        let text = std::fs::read_to_string(root().join(member).join("Cargo.toml")).unwrap();
+        for line in text.lines().filter(|l| l.trim_start().starts_with("sqlx")) {
+            assert!(
+                !line.contains("\"macros\"") && !line.contains("\"derive\""),
+                "{member}/Cargo.toml: {line}"
+            );
+        }
+    }
+}

@@ -59,7 +59,7 @@ async fn store() -> anyhow::Result<PgStore> {
         chatstate_store_pg::migrate(&pool).await?;
         return Ok(PgStore::new(pool));
     }
-    let cluster = tokio::task::spawn_blocking(chatstate_store_pg::throwaway::Cluster::shared)
+    let cluster = tokio::task::spawn_blocking(chatstate_testing::throwaway::Cluster::shared)
         .await?
         .context("starting a throwaway cluster")?;
     Ok(PgStore::new(cluster.new_database().await?))

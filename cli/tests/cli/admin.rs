@@ -7,7 +7,7 @@ use std::process::{Command, Output};
 use chatstate::{BusyBehavior, ChatMachine, ChatMetadata, CreateChat, Notify, create_chat};
 use chatstate_model::{ChatId, NewMessage, Options, Owner, RunnerId, WorkerId};
 use chatstate_store_pg::PgStore;
-use chatstate_store_pg::throwaway::Cluster;
+use chatstate_testing::throwaway::Cluster;
 use serde_json::Value;
 use sqlx::{AssertSqlSafe, PgPool};
 

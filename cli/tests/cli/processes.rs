@@ -27,7 +27,7 @@ use chatstate::{
     Notify, Options, Part, Role, RunnerId, Snapshot, create_chat,
 };
 use chatstate_store_pg::PgStore;
-use chatstate_store_pg::throwaway::Cluster;
+use chatstate_testing::throwaway::Cluster;
 use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
 

@@ -9,7 +9,7 @@ use chatstate::{
 };
 use chatstate_model::ExecutionState;
 use chatstate_store_pg::PgStore;
-use chatstate_store_pg::throwaway::Cluster;
+use chatstate_testing::throwaway::Cluster;
 use sqlx::{Connection, PgPool};
 
 use crate::common::{Fx, Step, fx, scalar_i64, snapshot_version};

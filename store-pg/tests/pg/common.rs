@@ -12,8 +12,8 @@ use chatstate_model::{
     ChatId, ChatStatus, ExecutionState, JsonText, MessageId, NewMessage, Notification, Options,
     Owner, OwnershipHint, Part, QueuedMessageId, Role, RunnerId, ToolResultInput, WorkerId,
 };
-use chatstate_store_pg::throwaway::Cluster;
 use chatstate_store_pg::{ListenerEvent, PgNotifyListener, PgStore};
+use chatstate_testing::throwaway::Cluster;
 use sqlx::PgPool;
 
 /// The dynamic (client-executed) tool of every test chat.

@@ -16,7 +16,6 @@ mod locking;
 mod migration_tooling;
 mod misc;
 mod notify;
-mod pgbouncer;
 mod pooler;
 mod proxy;
 mod round_trips;

@@ -9,8 +9,8 @@ use chatstate::{
 use chatstate_model::{
     ExecutionState, JsonText, NewMessage, Notification, OwnershipHint, RejectionKind, Role,
 };
-use chatstate_store_pg::goshape::GoShapedOutcome;
 use chatstate_store_pg::{ListenerEvent, PgNotifyListener};
+use chatstate_testing::goshape::{GoShaped, GoShapedError, GoShapedOutcome};
 
 use crate::common::{Step, fx, next, send_marker};
 
@@ -182,14 +182,14 @@ async fn go_shaped_updates_write_what_the_lean_path_writes() {
     let lean = fx.reach(&[Step::Acquire], ExecutionState::R0).await;
     let go = fx.reach(&[Step::Acquire], ExecutionState::R0).await;
     let message = NewMessage::new(Role::Assistant, vec![chatstate_model::Part::text("step")]);
+    let baseline = GoShaped::new(fx.store.pool().clone());
 
-    let before = fx.store.round_trips();
-    let out = fx
-        .store
-        .go_shaped_commit_step(go.id, &message, &fx.options)
+    let before = baseline.round_trips();
+    let out = baseline
+        .commit_step(go.id, &message, &fx.options)
         .await
         .unwrap();
-    let go_trips = fx.store.round_trips() - before;
+    let go_trips = baseline.round_trips() - before;
     assert_eq!(
         out,
         GoShapedOutcome::Committed {
@@ -206,9 +206,8 @@ async fn go_shaped_updates_write_what_the_lean_path_writes() {
     assert_eq!(fx.store.round_trips() - before, 3);
 
     let queued = NewMessage::user("later");
-    let out = fx
-        .store
-        .go_shaped_send_queued(go.id, &queued, &fx.options)
+    let out = baseline
+        .send_queued(go.id, &queued, &fx.options)
         .await
         .unwrap();
     assert!(matches!(
@@ -238,9 +237,8 @@ async fn go_shaped_updates_write_what_the_lean_path_writes() {
 
     // From W, CommitStep is not allowed.
     let w = fx.reach(&[Step::FinishTurn], ExecutionState::W).await;
-    let out = fx
-        .store
-        .go_shaped_commit_step(w.id, &message, &fx.options)
+    let out = baseline
+        .commit_step(w.id, &message, &fx.options)
         .await
         .unwrap();
     assert!(matches!(
@@ -251,12 +249,29 @@ async fn go_shaped_updates_write_what_the_lean_path_writes() {
         }
     ));
     assert_eq!(
-        fx.store
-            .go_shaped_commit_step(chatstate_model::ChatId::new_random(), &message, &fx.options)
+        baseline
+            .commit_step(chatstate_model::ChatId::new_random(), &message, &fx.options)
             .await
             .unwrap(),
         GoShapedOutcome::ChatNotFound
     );
+
+    // A value the store would escape is refused before anything is sent.
+    let before = (
+        baseline.round_trips(),
+        fx.machine(go.id).load().await.unwrap(),
+    );
+    let nul = NewMessage::assistant("a\0b");
+    assert!(matches!(
+        baseline.commit_step(go.id, &nul, &fx.options).await,
+        Err(GoShapedError::Unsupported(_))
+    ));
+    let after = (
+        baseline.round_trips(),
+        fx.machine(go.id).load().await.unwrap(),
+    );
+    assert_eq!(before.0, after.0);
+    assert_eq!(before.1.row.versions, after.1.row.versions);
 }
 
 #[tokio::test]

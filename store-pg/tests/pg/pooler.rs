@@ -8,13 +8,13 @@ use std::sync::Arc;
 
 use chatstate::StoreErrorKind;
 use chatstate_model::{NewMessage, Transition};
-use chatstate_store_pg::throwaway::Cluster;
 use chatstate_store_pg::{PgStore, PgStoreFault, Pooling, pool_options, pool_options_for};
 use sqlx::PgPool;
 
 use crate::common::{Fx, fx, fx_on};
-use crate::pgbouncer::{Mode, PgBouncer};
 use crate::round_trips::cases;
+use chatstate_testing::pgbouncer::{PgBouncer, PoolMode};
+use chatstate_testing::throwaway::Cluster;
 
 fn cluster() -> &'static Cluster {
     Cluster::shared().unwrap_or_else(|e| panic!("{e}"))
@@ -64,7 +64,8 @@ fn expected_round_trips(t: Transition) -> u64 {
 /// snapshot version, and the round trips of the transaction-pooling path.
 #[tokio::test]
 async fn every_transition_behind_a_transaction_pooler_matches_the_direct_store() {
-    let bouncer = PgBouncer::start(cluster(), Mode::Transaction, 2);
+    let bouncer =
+        PgBouncer::start(cluster(), PoolMode::Transaction, 2).unwrap_or_else(|e| panic!("{e}"));
     let name = database_name().await;
     let pooled = PgStore::new(pool_through(&bouncer, &name, Pooling::Transaction).await)
         .with_pooling(Pooling::Transaction);
@@ -111,7 +112,8 @@ async fn every_transition_behind_a_transaction_pooler_matches_the_direct_store()
 async fn concurrent_updates_behind_a_transaction_pooler_lose_nothing() {
     const TASKS: usize = 8;
     const STEPS: usize = 12;
-    let bouncer = PgBouncer::start(cluster(), Mode::Transaction, 2);
+    let bouncer =
+        PgBouncer::start(cluster(), PoolMode::Transaction, 2).unwrap_or_else(|e| panic!("{e}"));
     let name = database_name().await;
     let store = PgStore::new(pool_through(&bouncer, &name, Pooling::Transaction).await)
         .with_pooling(Pooling::Transaction);
@@ -165,7 +167,8 @@ fn fault(e: &chatstate::StoreError) -> Option<&PgStoreFault> {
 /// transaction-mode store behind the pooler pass.
 #[tokio::test]
 async fn check_pooling_refuses_session_mode_behind_a_transaction_pooler() {
-    let bouncer = PgBouncer::start(cluster(), Mode::Transaction, 2);
+    let bouncer =
+        PgBouncer::start(cluster(), PoolMode::Transaction, 2).unwrap_or_else(|e| panic!("{e}"));
     let name = database_name().await;
     let session_behind = PgStore::new(pool_through(&bouncer, &name, Pooling::Session).await);
     let err = session_behind.check_pooling().await.unwrap_err();
@@ -189,7 +192,8 @@ async fn check_pooling_refuses_session_mode_behind_a_transaction_pooler() {
 /// connection has to wait for it, which only a pooler makes it do.
 #[tokio::test]
 async fn check_pooling_refuses_session_mode_behind_a_one_connection_pooler() {
-    let bouncer = PgBouncer::start(cluster(), Mode::Transaction, 1);
+    let bouncer =
+        PgBouncer::start(cluster(), PoolMode::Transaction, 1).unwrap_or_else(|e| panic!("{e}"));
     let name = database_name().await;
     let store = PgStore::new(pool_through(&bouncer, &name, Pooling::Session).await);
     let err = store.check_pooling().await.unwrap_err();
@@ -204,7 +208,8 @@ async fn check_pooling_refuses_session_mode_behind_a_one_connection_pooler() {
 /// but READ COMMITTED is refused by the check.
 #[tokio::test]
 async fn transaction_pooling_needs_read_committed() {
-    let bouncer = PgBouncer::start(cluster(), Mode::Transaction, 2);
+    let bouncer =
+        PgBouncer::start(cluster(), PoolMode::Transaction, 2).unwrap_or_else(|e| panic!("{e}"));
     let name = database_name().await;
     let mut admin = direct_pool(&name).await.acquire().await.unwrap();
     // The name is the harness's own (digits and ASCII letters).
@@ -235,7 +240,8 @@ async fn transaction_pooling_needs_read_committed() {
 /// [`PgStore::check_pooling`] run at start-up.)
 #[tokio::test]
 async fn session_mode_behind_a_transaction_pooler_fails_typed() {
-    let bouncer = PgBouncer::start(cluster(), Mode::Transaction, 2);
+    let bouncer =
+        PgBouncer::start(cluster(), PoolMode::Transaction, 2).unwrap_or_else(|e| panic!("{e}"));
     let name = database_name().await;
     let store = PgStore::new(pool_through(&bouncer, &name, Pooling::Session).await);
     let setup = fx_on(PgStore::new(direct_pool(&name).await));
@@ -298,7 +304,8 @@ async fn session_mode_behind_a_transaction_pooler_fails_typed() {
 /// direct connection hears its notifications.
 #[tokio::test]
 async fn a_listener_behind_a_transaction_pooler_is_refused() {
-    let bouncer = PgBouncer::start(cluster(), Mode::Transaction, 2);
+    let bouncer =
+        PgBouncer::start(cluster(), PoolMode::Transaction, 2).unwrap_or_else(|e| panic!("{e}"));
     let name = database_name().await;
     let behind = pool_through(&bouncer, &name, Pooling::Transaction).await;
     let err = chatstate_store_pg::PgNotifyListener::connect(&behind)

@@ -40,7 +40,7 @@ async fn status_check_allows_exactly_the_model_statuses_and_the_legacy_ones() {
 /// throwaway cluster itself, reached by URL) creates migrated databases.
 #[tokio::test]
 async fn a_harness_on_a_url_creates_migrated_databases() {
-    use chatstate_store_pg::throwaway::Cluster;
+    use chatstate_testing::throwaway::Cluster;
     let shared = Cluster::shared().unwrap_or_else(|e| panic!("{e}"));
     let Some(socket) = shared.socket_dir() else {
         // The shared harness itself runs on DATABASE_URL: covered already.

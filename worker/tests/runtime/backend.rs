@@ -10,8 +10,8 @@ use chatstate::{
     Published, Store, TestControl, Timestamp, create_chat,
 };
 use chatstate_store_mem::{MemClock, MemStore};
-use chatstate_store_pg::throwaway::Cluster;
 use chatstate_store_pg::{PgNotifyListener, PgStore};
+use chatstate_testing::throwaway::Cluster;
 use chatstate_worker::{HintEvent, HintSource};
 use tokio::sync::broadcast;
 

@@ -31,7 +31,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use chatstate::StoreError;
-use sqlx::postgres::{PgConnectOptions, PgSslMode};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
 use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool};
 
 /// Why the harness could not provide a database.
@@ -204,10 +204,10 @@ impl Cluster {
     }
 
     /// A new, empty, migrated database of its own, and a pool on it (built
-    /// with [`crate::pool_options`]).
+    /// with [`chatstate_store_pg::pool_options`]).
     pub async fn new_database(&self) -> Result<PgPool, HarnessError> {
         let name = self.create_database().await?;
-        crate::pool_options()
+        chatstate_store_pg::pool_options()
             .connect_with(self.connect_options(&name))
             .await
             .map_err(db_error("connect to the test database"))
@@ -250,16 +250,18 @@ impl Cluster {
             .await
             .map_err(db_error("create the template database"))?;
         let _ = admin.close().await;
-        let mut conn = PgConnection::connect_with(&self.connect_options(&name))
-            .await
-            .map_err(db_error("connect to the template database"))?;
-        crate::migrate_with(&mut conn)
-            .await
-            .map_err(|e| HarnessError::Migrate(Arc::new(e)))?;
+        // `migrate` works on a connection of its own, made with the pool's
+        // connect options and closed when it is done; the pool itself
+        // never connects.
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .connect_lazy_with(self.connect_options(&name));
+        let migrated = chatstate_store_pg::migrate(&pool).await;
+        pool.close().await;
+        migrated.map_err(|e| HarnessError::Migrate(Arc::new(e)))?;
         // CREATE DATABASE ... TEMPLATE refuses while anyone is connected to
         // the template; it waits a few seconds for backends that are
-        // still exiting, which covers this close.
-        let _ = conn.close().await;
+        // still exiting, which covers the migration's connection.
         Ok(name)
     }
 }
