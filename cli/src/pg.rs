@@ -3,7 +3,7 @@
 //! process starts (and that disappears when it exits), like the tests do.
 
 use anyhow::Context as _;
-use chatstate_store_pg::PgStore;
+use chatstate_store_pg::{PgStore, Pooling};
 use chatstate_testing::throwaway::Cluster;
 
 /// A connected, migrated Postgres store and a description of where it is.
@@ -58,6 +58,30 @@ pub(crate) async fn connect(flag: Option<&str>) -> anyhow::Result<PgTarget> {
         description,
         external: false,
     })
+}
+
+/// Connects to the database `url` names for a store with the given
+/// pooling, and runs the store's start-up check (a session-mode store
+/// behind a transaction pooler is refused before it writes anything).
+/// With `Pooling::Session` it migrates the database; behind a transaction
+/// pooler it cannot (the migrator holds a session-level lock), so the
+/// database must have been migrated directly (`chatstate migrate up`).
+pub(crate) async fn connect_pooled(url: &str, pooling: Pooling) -> anyhow::Result<PgStore> {
+    let pool = chatstate_store_pg::pool_options_for(pooling)
+        .connect(url)
+        .await
+        .context("connecting to the database URL")?;
+    if pooling == Pooling::Session {
+        chatstate_store_pg::migrate(&pool)
+            .await
+            .context("migrating the database")?;
+    }
+    let store = PgStore::new(pool).with_pooling(pooling);
+    store
+        .check_pooling()
+        .await
+        .context("checking the connection against --pooling")?;
+    Ok(store)
 }
 
 /// Connects to a database the user named, without migrating it (for the

@@ -26,7 +26,7 @@ use chatstate::{
     ChatMachine, ChatRecord, CommitObserver, Error, ExecutionState, Input, JsonText, NewMessage,
     Notify, Options, Part, RejectionKind, Role, WorkerId,
 };
-use chatstate_store_pg::PgStore;
+use chatstate_store_pg::{PgNotifyListener, PgStore, Pooling};
 use chatstate_worker::{DEFAULT_CAPACITY, Handler, Lease, Released, Runtime, Stats};
 
 use crate::record::Recorder;
@@ -44,6 +44,17 @@ pub(crate) struct Args {
     /// The database to work on (migrated if needed).
     #[arg(long)]
     database_url: String,
+    /// What sits between this process and the server: `session` (a direct
+    /// connection or a session pooler) or `transaction` (a transaction
+    /// pooler such as PgBouncer in transaction mode; the database must be
+    /// migrated already, and the listener needs `--listen-url`).
+    #[arg(long, value_enum, default_value_t = PoolingArg::Session)]
+    pooling: PoolingArg,
+    /// The URL the `chat:ownership` listener connects to: the server
+    /// itself, never a transaction pooler (LISTEN needs a session of its
+    /// own). Defaults to `--database-url`.
+    #[arg(long, value_name = "URL")]
+    listen_url: Option<String>,
     /// Write every Update this process tries to commit to FILE, one JSON
     /// line each, flushed as it happens.
     #[arg(long, value_name = "FILE")]
@@ -66,6 +77,24 @@ pub(crate) struct Args {
     /// or history expectation.
     #[arg(long, hide = true)]
     unfenced: bool,
+}
+
+/// `--pooling`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum PoolingArg {
+    /// A session per connection (direct, or a session pooler).
+    Session,
+    /// A transaction pooler.
+    Transaction,
+}
+
+impl From<PoolingArg> for Pooling {
+    fn from(p: PoolingArg) -> Pooling {
+        match p {
+            PoolingArg::Session => Pooling::Session,
+            PoolingArg::Transaction => Pooling::Transaction,
+        }
+    }
 }
 
 pub(crate) fn run(args: &Args) -> anyhow::Result<ExitCode> {
@@ -98,8 +127,19 @@ async fn work(args: &Args) -> anyhow::Result<String> {
         }
         None => None,
     };
-    let store = crate::pg::connect(Some(&args.database_url)).await?.store;
-    let listener = chatstate_worker::pg::ownership_listener(&store)
+    let store = crate::pg::connect_pooled(&args.database_url, args.pooling.into()).await?;
+    let listen_url = args.listen_url.as_deref().unwrap_or(&args.database_url);
+    // The listener reads the connect options only; it opens its own
+    // connection.
+    let listen_pool = chatstate_store_pg::pool_options()
+        .max_connections(1)
+        .connect_lazy(listen_url)
+        .context("parsing --listen-url")?;
+    let mut listener = PgNotifyListener::connect(&listen_pool)
+        .await
+        .context("connecting the listener (--listen-url)")?;
+    listener
+        .listen_ownership()
         .await
         .context("listening on chat:ownership")?;
     let handler = Work {

@@ -28,6 +28,9 @@ use chatstate::{StoreError, StoreErrorKind};
 /// the `COMMIT`. Whether a connection lost *during* `COMMIT` committed is
 /// for the caller of the commit to resolve, not for this mapping.
 pub(crate) fn store_error(context: &'static str, e: sqlx::Error) -> StoreError {
+    if let Some(detail) = session_changed(&e) {
+        return PgStoreFault::SessionChanged { detail }.into_store(context);
+    }
     let kind = match &e {
         sqlx::Error::Io(_)
         | sqlx::Error::Tls(_)
@@ -65,6 +68,19 @@ pub(crate) fn store_error(context: &'static str, e: sqlx::Error) -> StoreError {
 pub(crate) fn sqlstate(e: &StoreError) -> Option<String> {
     match e.source.as_deref()?.downcast_ref::<sqlx::Error>()? {
         sqlx::Error::Database(db) => db.code().map(|c| c.into_owned()),
+        _ => None,
+    }
+}
+
+/// The server's message if `e` says that a prepared statement the client
+/// counted on is missing (26000) or already exists (42P05): the session
+/// the client prepared it in is not the one it now talks to, as behind a
+/// transaction pooler.
+fn session_changed(e: &sqlx::Error) -> Option<String> {
+    match e {
+        sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("26000" | "42P05")) => {
+            Some(db.message().to_owned())
+        }
         _ => None,
     }
 }
@@ -138,6 +154,39 @@ pub enum PgStoreFault {
         /// The highest migration version this binary embeds.
         binary: i64,
     },
+    /// A statement prepared in the session is gone or belongs to somebody
+    /// else: the connection's server session changed between transactions,
+    /// as behind a transaction pooler. Nothing was written; use
+    /// [`Pooling::Transaction`](crate::Pooling::Transaction).
+    #[error(
+        "the server session changed under the connection ({detail}): behind a transaction \
+         pooler, use Pooling::Transaction"
+    )]
+    SessionChanged {
+        /// The server's message.
+        detail: String,
+    },
+    /// A listener did not hear its own probe notification: its connection
+    /// does not keep a server session (a transaction pooler between it and
+    /// the server?). Connect listeners to the server directly.
+    #[error(
+        "the listener did not receive its probe notification within {waited:?}: connect it to \
+         the server directly, not through a transaction pooler"
+    )]
+    ListenerNotDelivered {
+        /// How long it waited.
+        waited: std::time::Duration,
+    },
+    /// Behind a transaction pooler the database's
+    /// `default_transaction_isolation` must be `read committed`.
+    #[error(
+        "default_transaction_isolation is {level}; behind a transaction pooler it must be \
+         read committed (ALTER DATABASE ... SET default_transaction_isolation = 'read committed')"
+    )]
+    IsolationNotReadCommitted {
+        /// The database's setting.
+        level: String,
+    },
 }
 
 impl PgStoreFault {
@@ -155,7 +204,10 @@ impl PgStoreFault {
         let kind = match self {
             PgStoreFault::TransactionAborted
             | PgStoreFault::NotLocked
-            | PgStoreFault::SchemaNewerThanBinary { .. } => StoreErrorKind::Other,
+            | PgStoreFault::SchemaNewerThanBinary { .. }
+            | PgStoreFault::SessionChanged { .. }
+            | PgStoreFault::ListenerNotDelivered { .. }
+            | PgStoreFault::IsolationNotReadCommitted { .. } => StoreErrorKind::Other,
             PgStoreFault::TransactionEndedByCaller => StoreErrorKind::OutcomeUnknown,
             _ => StoreErrorKind::Data,
         };

@@ -89,6 +89,7 @@ pub mod inspect;
 mod jsonb;
 mod listen;
 pub mod migrations;
+mod pooling;
 mod resolve;
 mod shared;
 mod tx;
@@ -112,6 +113,7 @@ pub use error::PgStoreFault;
 pub use inspect::{ChatFilter, inspect_chat, list_chats};
 pub use listen::{LISTENER_APPLICATION_NAME, ListenerEvent, PgNotifyListener, update_channel};
 pub use migrations::{MigrationStatus, migration_status, pending_sql};
+pub use pooling::Pooling;
 pub use resolve::CommitLost;
 pub use shared::{PgApp, app_error, create_chat_in, sql_literal};
 pub use tx::PgTx;
@@ -122,7 +124,7 @@ use crate::error::{is_foreign_key_violation, store_error};
 use crate::idle::IdleConnections;
 use crate::resolve::Resolver;
 use crate::sql::Opening;
-use crate::tx::{RoundTrips, micros};
+use crate::tx::{RoundTrips, TxContext, micros};
 
 /// The status values the schema accepts besides the model's
 /// [`ChatStatus::KNOWN`]: legacy values a row may still hold, which
@@ -230,6 +232,23 @@ pub(crate) fn record_round_trips(n: u64) {
 /// without the pool (measured in docs/postgres.md, "Checking connections
 /// on checkout").
 pub fn pool_options() -> PgPoolOptions {
+    pool_options_for(Pooling::Session)
+}
+
+/// Pool options for a store with the given [`Pooling`]:
+/// [`pool_options`] for [`Pooling::Session`]; for
+/// [`Pooling::Transaction`] the same without the session set-up (nothing
+/// prepared, no session settings: a transaction pooler would hand them to
+/// somebody else). Other code that shares such a pool must send its
+/// statements unnamed too (sqlx's `.persistent(false)`, or `raw_sql`):
+/// sqlx names the statements it prepares, even with its statement cache
+/// turned off, and a name does not outlive its transaction there.
+pub fn pool_options_for(pooling: Pooling) -> PgPoolOptions {
+    if !pooling.persistent() {
+        return PgPoolOptions::new()
+            .test_before_acquire(false)
+            .max_connections(16);
+    }
     PgPoolOptions::new()
         .test_before_acquire(false)
         .max_connections(16)
@@ -259,6 +278,8 @@ pub struct PgStore {
     round_trips: RoundTrips,
     /// Connections between transactions (see the `idle` module).
     idle: Arc<IdleConnections>,
+    /// What the store may keep in a session (see [`Pooling`]).
+    pooling: Pooling,
 }
 
 impl PgStore {
@@ -274,7 +295,76 @@ impl PgStore {
             pool,
             round_trips: RoundTrips::default(),
             idle: Arc::new(idle),
+            pooling: Pooling::Session,
         }
+    }
+
+    /// The same store, for what sits between it and the server: behind a
+    /// transaction pooler (PgBouncer `pool_mode = transaction`), give
+    /// [`Pooling::Transaction`] and build the pool with
+    /// [`pool_options_for`]`(Pooling::Transaction)`. See [`Pooling`].
+    pub fn with_pooling(mut self, pooling: Pooling) -> Self {
+        self.pooling = pooling;
+        self
+    }
+
+    /// What the store keeps in a session.
+    pub fn pooling(&self) -> Pooling {
+        self.pooling
+    }
+
+    /// Checks that what sits between the store and the server suits its
+    /// [`Pooling`]; run it once at start-up.
+    ///
+    /// - [`Pooling::Session`]: the connections must keep their server
+    ///   session between transactions. A probe on two connections of the
+    ///   pool (a few requests; skipped for a pool of one connection) tells
+    ///   a transaction pooler by the backend changing under a connection:
+    ///   [`PgStoreFault::SessionChanged`] then. The store's session state
+    ///   (prepared statements, settings) would otherwise meet another
+    ///   client's.
+    /// - [`Pooling::Transaction`]: the store cannot pin the isolation level
+    ///   of the statements it runs outside transactions, so the database's
+    ///   `default_transaction_isolation` must be `read committed`
+    ///   ([`PgStoreFault::IsolationNotReadCommitted`] otherwise).
+    pub async fn check_pooling(&self) -> Result<(), StoreError> {
+        const CONTEXT: &str = "check pooling";
+        if self.pooling.persistent() {
+            if self.pool.options().get_max_connections() < 2 {
+                return Ok(());
+            }
+            let pooled = pooling::runs_on_transaction_pooler(&self.pool)
+                .await
+                .map_err(|e| store_error(CONTEXT, e))?;
+            if pooled {
+                let detail = "the backend changed between a connection's transactions".to_owned();
+                return Err(PgStoreFault::SessionChanged { detail }.into_store(CONTEXT));
+            }
+            return Ok(());
+        }
+        let mut conn = self.connection().await?;
+        self.round_trips.tick();
+        let level: String = sqlx::query_scalar("SHOW default_transaction_isolation")
+            .persistent(false)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(|e| store_error(CONTEXT, e))?;
+        self.keep(conn);
+        if level != "read committed" {
+            return Err(PgStoreFault::IsolationNotReadCommitted { level }.into_store(CONTEXT));
+        }
+        Ok(())
+    }
+
+    /// Counts the requests of one statement with parameters sent outside
+    /// a transaction, and records them on the current span.
+    fn tick_statement(&self, so_far: u64) -> u64 {
+        let n = self.pooling.requests_per_statement();
+        for _ in 0..n {
+            self.round_trips.tick();
+        }
+        record_round_trips(so_far + n);
+        so_far + n
     }
 
     /// The pool.
@@ -296,7 +386,9 @@ impl PgStore {
     pub async fn heartbeat_rows(&self) -> Result<usize, StoreError> {
         const CONTEXT: &str = "count heartbeat rows";
         self.round_trips.tick();
-        let row = sqlx::query(sql::HEARTBEAT_ROWS)
+        let row = self
+            .pooling
+            .query(sql::HEARTBEAT_ROWS)
             .fetch_one(&self.pool)
             .await
             .map_err(|e| store_error(CONTEXT, e))?;
@@ -309,7 +401,9 @@ impl PgStore {
     pub async fn lock_waiters(&self) -> Result<usize, StoreError> {
         const CONTEXT: &str = "count lock waiters";
         self.round_trips.tick();
-        let row = sqlx::query(sql::LOCK_WAITERS)
+        let row = self
+            .pooling
+            .query(sql::LOCK_WAITERS)
             .fetch_one(&self.pool)
             .await
             .map_err(|e| store_error(CONTEXT, e))?;
@@ -324,16 +418,13 @@ impl PgStore {
         options: &Options,
     ) -> Result<Option<(PgTx, Snapshot)>, StoreError> {
         let conn = self.connection().await?;
-        PgTx::open(
-            conn,
-            self.idle.clone(),
-            self.round_trips.clone(),
-            Resolver::new(self.pool.connect_options()),
-            opening,
-            chat,
-            options,
-        )
-        .await
+        let context = TxContext {
+            idle: self.idle.clone(),
+            round_trips: self.round_trips.clone(),
+            resolver: Resolver::new(self.pool.connect_options()),
+            pooling: self.pooling,
+        };
+        PgTx::open(conn, context, opening, chat, options).await
     }
 
     /// A connection: one this store kept from an earlier request, else one
@@ -394,21 +485,29 @@ impl Store for PgStore {
     ) -> Result<CreateOutcome, StoreError> {
         const CONTEXT: &str = "create chat";
         let mut conn = self.connection().await?;
-        self.round_trips.tick();
-        record_round_trips(1);
-        let inserted = shared::insert_chat(&mut conn, CONTEXT, row, metadata, messages, notify)
-            .await
-            // The statement commits on its own; a lost connection may have
-            // come after its commit (see `resolve::implicit`).
-            .map_err(resolve::implicit)?;
+        let trips = self.tick_statement(0);
+        let inserted = shared::insert_chat(
+            &mut conn,
+            CONTEXT,
+            self.pooling,
+            row,
+            metadata,
+            messages,
+            notify,
+        )
+        .await
+        // The statement commits on its own; a lost connection may have
+        // come after its commit (see `resolve::implicit`).
+        .map_err(resolve::implicit)?;
         let outcome = match inserted {
             shared::Inserted::Done(outcome) => outcome,
             // The conflicting row was committed by a concurrent create
             // after the statement's snapshot was taken: read it now.
             shared::Inserted::Raced => {
-                self.round_trips.tick();
-                record_round_trips(2);
-                CreateOutcome::AlreadyExists(shared::chat_state(&mut conn, CONTEXT, row).await?)
+                self.tick_statement(trips);
+                CreateOutcome::AlreadyExists(
+                    shared::chat_state(&mut conn, CONTEXT, self.pooling, row).await?,
+                )
             }
         };
         self.keep(conn);
@@ -418,9 +517,10 @@ impl Store for PgStore {
     async fn heartbeat(&self, chat: ChatId, runner: RunnerId) -> Result<LeaseStatus, StoreError> {
         const CONTEXT: &str = "upsert heartbeat";
         let mut conn = self.connection().await?;
-        self.round_trips.tick();
-        record_round_trips(1);
-        let row = match sqlx::query(sql::HEARTBEAT)
+        self.tick_statement(0);
+        let row = match self
+            .pooling
+            .query(sql::HEARTBEAT)
             .bind(chat.0)
             .bind(runner.0)
             .fetch_one(&mut *conn)
@@ -490,18 +590,21 @@ impl PgStore {
             .collect();
         let stale = micros(options.heartbeat_stale);
         let query = match among {
-            Among::All { limit } => sqlx::query(sql::CLAIMABLE)
+            Among::All { limit } => self
+                .pooling
+                .query(sql::CLAIMABLE)
                 .bind(statuses)
                 .bind(stale)
                 .bind(limit),
-            Among::These(ids) => sqlx::query(sql::CLAIMABLE_AMONG)
+            Among::These(ids) => self
+                .pooling
+                .query(sql::CLAIMABLE_AMONG)
                 .bind(statuses)
                 .bind(stale)
                 .bind(ids),
         };
         let mut conn = self.connection().await?;
-        self.round_trips.tick();
-        record_round_trips(1);
+        self.tick_statement(0);
         let rows = query
             .fetch_all(&mut *conn)
             .await
@@ -519,7 +622,8 @@ impl TestControl for PgStore {
     async fn advance_clock(&self, by: Duration) -> Result<(), StoreError> {
         const CONTEXT: &str = "advance clock";
         self.round_trips.tick();
-        sqlx::query(sql::ADVANCE_CLOCK)
+        self.pooling
+            .query(sql::ADVANCE_CLOCK)
             .bind(micros(by))
             .execute(&self.pool)
             .await
@@ -535,7 +639,9 @@ impl TestControl for PgStore {
     ) -> Result<(), StoreError> {
         const CONTEXT: &str = "set raw state";
         self.round_trips.tick();
-        let done = sqlx::query(sql::SET_RAW_STATE)
+        let done = self
+            .pooling
+            .query(sql::SET_RAW_STATE)
             .bind(chat.0)
             .bind(status.as_str())
             .bind(archived)

@@ -26,6 +26,17 @@
 //!   if every `recv` is cancelled after a millisecond, and a later call
 //!   picks up its result.
 //!
+//! # Direct connections only
+//!
+//! `LISTEN` belongs to a server session. Behind a transaction pooler the
+//! session that listened goes back to the pooler after the statement and
+//! the client hears nothing, silently. So the listener connects to the
+//! server directly (give it a pool on the server's own URL, not the
+//! pooler's), and [`PgNotifyListener::connect`] proves it: it listens on
+//! a probe channel of its own, notifies it from another connection, and
+//! fails with [`PgStoreFault::ListenerNotDelivered`](crate::PgStoreFault::ListenerNotDelivered)
+//! if the probe does not arrive within two seconds.
+//!
 //! # Tracing
 //!
 //! Connecting runs in a `listener_connect` span, each reconnect in a
@@ -40,7 +51,7 @@ use sqlx::postgres::{PgListener, PgPoolOptions};
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
-use crate::error::store_error;
+use crate::error::{PgStoreFault, store_error};
 
 /// The `application_name` of listener sessions (so tests and operators can
 /// find them in `pg_stat_activity`).
@@ -132,9 +143,73 @@ async fn listen_on(pool: &PgPool, channels: &[String]) -> Result<PgListener, sql
     Ok(listener)
 }
 
+/// How long [`probe`] waits for its notification.
+const PROBE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Proves that `listener` hears what is committed: it listens on a channel
+/// of its own, another connection notifies it, and the notification must
+/// arrive within [`PROBE_WAIT`] (see the module's "direct connections
+/// only").
+async fn probe(listener: &mut PgListener, pool: &PgPool) -> Result<(), StoreError> {
+    use sqlx::Connection;
+    const CONTEXT: &str = "probe listener";
+    let channel = format!("chatstate_probe_{}", uuid::Uuid::new_v4().simple());
+    listener
+        .listen(&channel)
+        .await
+        .map_err(|e| store_error(CONTEXT, e))?;
+    let mut other = sqlx::PgConnection::connect_with(&pool.connect_options())
+        .await
+        .map_err(|e| store_error(CONTEXT, e))?;
+    // The channel name is this function's own: a prefix and hex digits.
+    let sent = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("NOTIFY {channel}")))
+        .execute(&mut other)
+        .await;
+    let _ = other.close().await;
+    let not_delivered =
+        || PgStoreFault::ListenerNotDelivered { waited: PROBE_WAIT }.into_store(CONTEXT);
+    match sent {
+        Ok(_) => {}
+        // The notification reached the connection that sent it: the
+        // pooler ran its NOTIFY on the very server session that had
+        // listened (a direct session never listens for another).
+        Err(sqlx::Error::Protocol(_)) => return Err(not_delivered()),
+        Err(e) => return Err(store_error(CONTEXT, e)),
+    }
+    let heard = tokio::time::timeout(PROBE_WAIT, async {
+        loop {
+            match listener.try_recv().await {
+                Ok(Some(n)) if n.channel() == channel => return Ok(()),
+                // Nothing else is listened to yet; skip it all the same.
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    return Err(StoreError::new(
+                        CONTEXT,
+                        StoreErrorKind::Connection,
+                        std::io::Error::other("the listener's connection closed"),
+                    ));
+                }
+                Err(e) => return Err(store_error(CONTEXT, e)),
+            }
+        }
+    })
+    .await;
+    match heard {
+        Ok(result) => result?,
+        Err(_) => return Err(not_delivered()),
+    }
+    listener
+        .unlisten(&channel)
+        .await
+        .map_err(|e| store_error(CONTEXT, e))
+}
+
 impl PgNotifyListener {
     /// A listener on the database of `pool`, subscribed to nothing yet.
-    /// It opens a dedicated connection with the pool's connect options.
+    /// It opens a dedicated connection with the pool's connect options,
+    /// which must reach the server directly, not through a transaction
+    /// pooler: it proves that it hears notifications before it returns
+    /// (see the module's "direct connections only").
     pub async fn connect(pool: &PgPool) -> Result<Self, StoreError> {
         let span = tracing::info_span!(target: "chatstate_store_pg", "listener_connect");
         Self::connect_now(pool).instrument(span).await
@@ -153,9 +228,10 @@ impl PgNotifyListener {
             .connect_with(options)
             .await
             .map_err(|e| store_error("connect listener", e))?;
-        let listener = listen_on(&own, &[])
+        let mut listener = listen_on(&own, &[])
             .await
             .map_err(|e| store_error("connect listener", e))?;
+        probe(&mut listener, &own).await?;
         Ok(PgNotifyListener {
             pool: own,
             state: State::Ready(listener),

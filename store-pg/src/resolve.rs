@@ -132,7 +132,12 @@ impl Resolver {
                 }
             }
             if let Some(c) = conn.as_mut() {
-                let query = sqlx::query(sql::XACT_STATUS).bind(xid).fetch_one(&mut *c);
+                // Unnamed: the poll may run behind a transaction pooler, where a
+                // named statement would not outlive its transaction.
+                let query = sqlx::query(sql::XACT_STATUS)
+                    .persistent(false)
+                    .bind(xid)
+                    .fetch_one(&mut *c);
                 match timeout_at(deadline, query).await {
                     Ok(Ok(row)) => {
                         let status: Option<String> = get(&row, "resolve commit", "status")

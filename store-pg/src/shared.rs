@@ -27,6 +27,7 @@ use sqlx::PgConnection;
 
 use crate::decode::get;
 use crate::error::{PgStoreFault, store_error};
+use crate::pooling::Pooling;
 use crate::tx::{self, PgTx, bind_row, message_json, stored_json, tool_state_json};
 use crate::{classify, jsonb, sql};
 
@@ -96,6 +97,10 @@ impl<'a> PgApp<'a> {
     ///   [`crate::PgStoreFault::TransactionEndedByCaller`], an unknown
     ///   outcome. Savepoints (`SAVEPOINT`, `ROLLBACK TO SAVEPOINT`) are
     ///   fine.
+    /// - Behind a transaction pooler ([`crate::Pooling::Transaction`]),
+    ///   send statements unnamed (`.persistent(false)`, or `raw_sql`): a
+    ///   statement sqlx names and keeps would not outlive the transaction
+    ///   there (docs/deployment.md).
     pub fn connection(&mut self) -> &mut PgConnection {
         self.tx.lend_connection()
     }
@@ -158,6 +163,10 @@ pub fn sql_literal(text: &str) -> Result<String, PgStoreFault> {
 /// connection means it did not commit: the application had not committed
 /// yet.)
 ///
+/// Its statements are sent unnamed, so it works on a connection behind a
+/// transaction pooler too (see [`Pooling`](crate::Pooling)); that costs
+/// one round trip more than a statement kept prepared.
+///
 /// ```no_run
 /// # use chatstate::{CreateChat, NewMessage, Notify};
 /// # async fn f(pool: sqlx::PgPool) -> Result<(), Box<dyn std::error::Error>> {
@@ -184,9 +193,14 @@ pub async fn create_chat_in(
         Notify::InTransaction => &prepared.notifications,
         Notify::AfterCommit(_) => &[],
     };
+    // Unnamed statements: the application's connection may run behind a
+    // transaction pooler, where a name would not outlive this transaction
+    // (one round trip more than a named statement, for a rare operation).
+    let pooling = Pooling::Transaction;
     let outcome = insert_chat(
         conn,
         CONTEXT,
+        pooling,
         &prepared.row,
         &prepared.metadata,
         &prepared.messages,
@@ -196,7 +210,7 @@ pub async fn create_chat_in(
     let outcome = match outcome {
         Inserted::Done(outcome) => outcome,
         Inserted::Raced => {
-            CreateOutcome::AlreadyExists(chat_state(conn, CONTEXT, &prepared.row).await?)
+            CreateOutcome::AlreadyExists(chat_state(conn, CONTEXT, pooling, &prepared.row).await?)
         }
     };
     let mut created = prepared.created(outcome)?;
@@ -221,6 +235,7 @@ pub(crate) enum Inserted {
 pub(crate) async fn insert_chat(
     conn: &mut PgConnection,
     context: &'static str,
+    pooling: Pooling,
     row: &ChatRow,
     metadata: &ChatMetadata,
     messages: &[NewMessage],
@@ -244,7 +259,8 @@ pub(crate) async fn insert_chat(
         serde_json::Value::Array(messages.iter().map(message_json).collect()).to_string();
     let labels = jsonb::encode_text(&serde_json::json!(metadata.labels));
     let tools = jsonb::encode_text(&serde_json::json!(row.dynamic_tools));
-    let query = sqlx::query(sql::CREATE_CHAT)
+    let query = pooling
+        .query(sql::CREATE_CHAT)
         .bind(row.id.0)
         .bind(row.owner_id);
     let out = bind_row(query, row)
@@ -282,9 +298,11 @@ pub(crate) async fn insert_chat(
 pub(crate) async fn chat_state(
     conn: &mut PgConnection,
     context: &'static str,
+    pooling: Pooling,
     row: &ChatRow,
 ) -> Result<ExecutionState, StoreError> {
-    let existing = sqlx::query(sql::CHAT_STATE)
+    let existing = pooling
+        .query(sql::CHAT_STATE)
         .bind(row.id.0)
         .fetch_optional(&mut *conn)
         .await

@@ -13,6 +13,8 @@
 //! inlined as literals: both are produced by this crate (a `Uuid`'s
 //! canonical text and an integer), never by a user.
 
+use crate::pooling::Pooling;
+
 /// The chat row's columns, from `chats c`, in the order
 /// [`crate::decode::chat_row`] reads them.
 macro_rules! row_columns {
@@ -162,16 +164,25 @@ pub(crate) const XACT_STATUS: &str = "SELECT pg_xact_status($1::text::xid8) AS s
 /// [`crate::tx`]). It conflicts with FOR SHARE (ReadLock) and with itself
 /// (Update, Lock), but not with the FOR KEY SHARE lock that a foreign-key
 /// check takes, so heartbeat upserts never wait for an open Update.
-pub(crate) fn opening(opening: Opening, chat: uuid::Uuid, stale_us: i64) -> String {
-    let lock = match opening {
-        Opening::Update | Opening::Exclusive => {
-            "BEGIN ISOLATION LEVEL READ COMMITTED; EXECUTE chatstate_lock_exclusive"
-        }
-        Opening::Nested => "EXECUTE chatstate_lock_exclusive",
-        Opening::Shared => "BEGIN ISOLATION LEVEL READ COMMITTED; EXECUTE chatstate_lock_shared",
+pub(crate) fn opening(
+    opening: Opening,
+    chat: uuid::Uuid,
+    stale_us: i64,
+    pooling: Pooling,
+) -> String {
+    let begin = "BEGIN ISOLATION LEVEL READ COMMITTED; ";
+    let (begin, lock) = match opening {
+        Opening::Update | Opening::Exclusive => (begin, "chatstate_lock_exclusive"),
+        Opening::Nested => ("", "chatstate_lock_exclusive"),
+        Opening::Shared => (begin, "chatstate_lock_shared"),
     };
-    let chat = chat.hyphenated();
-    format!("{lock}('{chat}'::uuid); EXECUTE chatstate_snapshot('{chat}'::uuid, {stale_us})")
+    let chat = format!("'{}'::uuid", chat.hyphenated());
+    let stale = stale_us.to_string();
+    format!(
+        "{begin}{}; {}",
+        call(pooling, lock, &[&chat]),
+        call(pooling, "chatstate_snapshot", &[&chat, &stale])
+    )
 }
 
 /// The SQLSTATE the commit's transaction check raises when the
@@ -196,11 +207,41 @@ pub(crate) fn same_transaction(xid: i64) -> String {
 
 /// The statement that writes a pending snapshot bump, for the commit
 /// message (the chat id is this crate's, the version an integer).
-pub(crate) fn set_version(chat: uuid::Uuid, version: i64) -> String {
+pub(crate) fn set_version(chat: uuid::Uuid, version: i64, pooling: Pooling) -> String {
+    let chat = format!("'{}'::uuid", chat.hyphenated());
     format!(
-        "EXECUTE chatstate_set_version('{}'::uuid, {version}); ",
-        chat.hyphenated()
+        "{}; ",
+        call(
+            pooling,
+            "chatstate_set_version",
+            &[&chat, &version.to_string()]
+        )
     )
+}
+
+/// Runs one of [`PREPARED`] with literal arguments: `EXECUTE` of the
+/// session's prepared statement, or (when the session keeps nothing) its
+/// body with the arguments in place of the parameters. The arguments are
+/// this crate's own literals (a quoted UUID, integers), never caller text.
+fn call(pooling: Pooling, name: &str, args: &[&str]) -> String {
+    if pooling.persistent() {
+        return format!("EXECUTE {name}({})", args.join(", "));
+    }
+    let (_, definition) = PREPARED
+        .iter()
+        .find(|(n, _)| *n == name)
+        .expect("a statement of PREPARED");
+    let (_, body) = definition
+        .split_once(") AS ")
+        .expect("a PREPARED definition is `(types) AS body`");
+    // From the highest parameter down, so `$1` never matches in `$12`
+    // (the bodies have at most two parameters, which is checked below).
+    let mut text = body.to_owned();
+    for (i, arg) in args.iter().enumerate().rev() {
+        text = text.replace(&format!("${}", i + 1), arg);
+    }
+    debug_assert!(!text.contains('$'), "every parameter of {name} inlined");
+    text
 }
 
 /// What EditMessage needs: the target (if active and in this chat), the
@@ -745,18 +786,53 @@ mod tests {
         let id = uuid::Uuid::nil();
         let nil = "'00000000-0000-0000-0000-000000000000'::uuid";
         assert_eq!(
-            opening(Opening::Update, id, 30_000_000),
+            opening(Opening::Update, id, 30_000_000, Pooling::Session),
             format!(
                 "BEGIN ISOLATION LEVEL READ COMMITTED; EXECUTE chatstate_lock_exclusive({nil}); \
                  EXECUTE chatstate_snapshot({nil}, 30000000)"
             )
         );
-        assert!(opening(Opening::Nested, id, 1).starts_with("EXECUTE chatstate_lock_exclusive("));
-        assert!(opening(Opening::Shared, id, 1).contains("chatstate_lock_shared"));
-        assert!(opening(Opening::Exclusive, id, 1).contains("chatstate_lock_exclusive"));
+        let session = Pooling::Session;
+        assert!(
+            opening(Opening::Nested, id, 1, session)
+                .starts_with("EXECUTE chatstate_lock_exclusive(")
+        );
+        assert!(opening(Opening::Shared, id, 1, session).contains("chatstate_lock_shared"));
+        assert!(opening(Opening::Exclusive, id, 1, session).contains("chatstate_lock_exclusive"));
         assert_eq!(
-            set_version(id, 7),
+            set_version(id, 7, session),
             format!("EXECUTE chatstate_set_version({nil}, 7); ")
+        );
+    }
+
+    /// Behind a transaction pooler nothing is executed by name: the bodies
+    /// of the prepared statements, with the same literals in place of
+    /// every parameter.
+    #[test]
+    fn transaction_pooling_inlines_the_bodies() {
+        let id = uuid::Uuid::nil();
+        let nil = "'00000000-0000-0000-0000-000000000000'::uuid";
+        let pooled = Pooling::Transaction;
+        for opening_kind in [
+            Opening::Update,
+            Opening::Nested,
+            Opening::Shared,
+            Opening::Exclusive,
+        ] {
+            let text = opening(opening_kind, id, 30_000_000, pooled);
+            assert!(!text.contains("EXECUTE") && !text.contains('$'), "{text}");
+            assert!(text.contains(&format!("WHERE id = {nil}")), "{text}");
+            assert!(
+                text.contains("interval '1 microsecond' * 30000000"),
+                "{text}"
+            );
+            assert_eq!(text.starts_with("BEGIN"), opening_kind != Opening::Nested);
+        }
+        assert!(opening(Opening::Update, id, 1, pooled).contains("FOR NO KEY UPDATE"));
+        assert!(opening(Opening::Shared, id, 1, pooled).contains("FOR SHARE"));
+        assert_eq!(
+            set_version(id, 7, pooled),
+            format!("UPDATE chats SET snapshot_version = 7 WHERE id = {nil}; ")
         );
     }
 

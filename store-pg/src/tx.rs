@@ -50,6 +50,7 @@ use crate::decode::{self, get};
 use crate::error::{PgStoreFault, store_error};
 use crate::idle::IdleConnections;
 use crate::jsonb;
+use crate::pooling::Pooling;
 use crate::resolve::Resolver;
 use crate::sql::{self, Opening};
 
@@ -124,6 +125,19 @@ pub struct PgTx {
     /// The application's statements deferred to the commit message
     /// ([`crate::PgApp::defer`]), each followed by a `;` line.
     deferred: String,
+    /// What the session may keep (see [`crate::pooling`]).
+    pooling: Pooling,
+}
+
+/// What a transaction shares with its store.
+pub(crate) struct TxContext {
+    /// Where the connection goes after the transaction.
+    pub(crate) idle: Arc<IdleConnections>,
+    pub(crate) round_trips: RoundTrips,
+    /// Resolves a commit whose connection was lost.
+    pub(crate) resolver: Resolver,
+    /// What the session may keep.
+    pub(crate) pooling: Pooling,
 }
 
 /// The snapshot version of an exclusively locked chat: as stored (in this
@@ -203,13 +217,17 @@ impl PgTx {
     /// left open (one more round trip: `ROLLBACK`).
     pub(crate) async fn open(
         conn: PoolConnection<Postgres>,
-        idle: Arc<IdleConnections>,
-        round_trips: RoundTrips,
-        resolver: Resolver,
+        context: TxContext,
         opening: Opening,
         chat: ChatId,
         options: &Options,
     ) -> Result<Option<(PgTx, Snapshot)>, StoreError> {
+        let TxContext {
+            idle,
+            round_trips,
+            resolver,
+            pooling,
+        } = context;
         let mut tx = PgTx {
             conn: Some(conn),
             idle,
@@ -225,6 +243,7 @@ impl PgTx {
             resolver,
             lent: false,
             deferred: String::new(),
+            pooling,
         };
         match tx.lock(opening, chat, options).await? {
             Some(snap) => Ok(Some((tx, snap))),
@@ -243,7 +262,12 @@ impl PgTx {
         options: &Options,
     ) -> Result<Option<Snapshot>, StoreError> {
         const CONTEXT: &str = "lock chat and read snapshot";
-        let text = sql::opening(opening, chat.0, micros(options.heartbeat_stale));
+        let text = sql::opening(
+            opening,
+            chat.0,
+            micros(options.heartbeat_stale),
+            self.pooling,
+        );
         self.tick();
         let rows = match sqlx::raw_sql(AssertSqlSafe(text.clone()))
             .fetch_all(&mut **self.conn())
@@ -256,7 +280,9 @@ impl PgTx {
             // the outer opening ran on this session. Such a session was not
             // set up by `pool_options` either, so it gets the isolation
             // level of chat creation and heartbeats pinned here too.
-            Err(e) if is_unprepared(&e) && opening != Opening::Nested => {
+            Err(e)
+                if is_unprepared(&e) && opening != Opening::Nested && self.pooling.persistent() =>
+            {
                 self.tick();
                 let names = sqlx::raw_sql(AssertSqlSafe(format!(
                     "ROLLBACK; {}; {}",
@@ -323,6 +349,14 @@ impl PgTx {
     fn tick(&mut self) {
         self.round_trips.tick();
         self.trips += 1;
+    }
+
+    /// Counts the requests of one statement with parameters (two when it
+    /// cannot stay prepared in the session).
+    fn tick_statement(&mut self) {
+        for _ in 0..self.pooling.requests_per_statement() {
+            self.tick();
+        }
     }
 
     /// The connection (present until the handle is dropped).
@@ -579,7 +613,9 @@ impl StoreTx for PgTx {
         // The tool bookkeeping goes with every change of the history (the
         // snapshot reads it instead of folding the history).
         let tools = shape.history().then(|| tool_state_json(&plan.tools));
-        let query = sqlx::query(sql::apply(shape))
+        let query = self
+            .pooling
+            .query(sql::apply(shape))
             .bind(chat.0)
             .bind(row.versions.snapshot)
             .bind(ids(&plan.soft_delete))
@@ -600,7 +636,7 @@ impl StoreTx for PgTx {
             .bind(single.and_then(|m| m.model_config_id))
             .bind(single.and_then(|m| m.created_by))
             .bind(row.last_model_config_id);
-        self.tick();
+        self.tick_statement();
         let result = query.fetch_all(&mut **self.conn()).await;
         let rows = result.map_err(|e| self.failed(CONTEXT, e))?;
         // The plan was decided on the snapshot this transaction locked, so
@@ -686,8 +722,10 @@ impl StoreTx for PgTx {
     ) -> Result<EditContext, StoreError> {
         const CONTEXT: &str = "read edit context";
         self.require_locked(chat, CONTEXT)?;
-        self.tick();
-        let row = sqlx::query(sql::EDIT_CONTEXT)
+        self.tick_statement();
+        let row = self
+            .pooling
+            .query(sql::EDIT_CONTEXT)
             .bind(chat.0)
             .bind(message.0)
             .fetch_one(&mut **self.conn())
@@ -726,20 +764,26 @@ impl StoreTx for PgTx {
     async fn load(&mut self, chat: ChatId) -> Result<ChatRecord, StoreError> {
         const CONTEXT: &str = "load chat";
         self.require_locked(chat, CONTEXT)?;
-        self.tick();
-        let row = sqlx::query(sql::LOAD_ROW)
+        self.tick_statement();
+        let row = self
+            .pooling
+            .query(sql::LOAD_ROW)
             .bind(chat.0)
             .fetch_one(&mut **self.conn())
             .await
             .map_err(|e| self.failed(CONTEXT, e))?;
-        self.tick();
-        let queue = sqlx::query(sql::LOAD_QUEUE)
+        self.tick_statement();
+        let queue = self
+            .pooling
+            .query(sql::LOAD_QUEUE)
             .bind(chat.0)
             .fetch_all(&mut **self.conn())
             .await
             .map_err(|e| self.failed(CONTEXT, e))?;
-        self.tick();
-        let history = sqlx::query(sql::LOAD_HISTORY)
+        self.tick_statement();
+        let history = self
+            .pooling
+            .query(sql::LOAD_HISTORY)
             .bind(chat.0)
             .fetch_all(&mut **self.conn())
             .await
@@ -782,8 +826,10 @@ impl StoreTx for PgTx {
             .metadata
             .as_ref()
             .and_then(|m| m.as_ref().map(stored_json));
-        self.tick();
-        let done = sqlx::query(sql::WRITE_METADATA)
+        self.tick_statement();
+        let done = self
+            .pooling
+            .query(sql::WRITE_METADATA)
             .bind(chat.0)
             .bind(patch.title.as_deref().map(jsonb::encode_str))
             .bind(labels)
@@ -816,7 +862,7 @@ impl StoreTx for PgTx {
         // rollback.
         let mut text = String::new();
         for v in self.exclusive.iter().filter(|v| v.stored != v.target) {
-            text.push_str(&sql::set_version(v.chat.0, v.target));
+            text.push_str(&sql::set_version(v.chat.0, v.target, self.pooling));
         }
         // The application's deferred statements, then the check that the
         // transaction is still this one and alive: a failure in either

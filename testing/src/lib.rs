@@ -5,10 +5,13 @@
 //!
 //! - [`throwaway`] starts a disposable PostgreSQL cluster (or uses the
 //!   server of `DATABASE_URL`) and hands out freshly migrated databases.
+//! - [`pgbouncer`] starts a disposable PgBouncer in front of the
+//!   throwaway cluster.
 //! - [`goshape`] replays the Go original's statement sequence for one
 //!   Update, the baseline `chatstate bench` compares the store with.
 //!
 //! It is not published: nothing here is an API for applications.
 
 pub mod goshape;
+pub mod pgbouncer;
 pub mod throwaway;

@@ -63,8 +63,13 @@ pub(crate) enum Step {
 }
 
 pub(crate) async fn fx() -> Fx {
+    fx_on(PgStore::new(database().await))
+}
+
+/// The fixture on a given store (e.g. one behind a pooler).
+pub(crate) fn fx_on(store: PgStore) -> Fx {
     Fx {
-        store: PgStore::new(database().await),
+        store,
         publisher: Arc::new(RecordingPublisher::new()),
         options: Options::default(),
         owner: Owner {

@@ -56,13 +56,33 @@ impl<S: Subscriber> Layer<S> for Capture {
     }
 }
 
+/// Sends this thread's spans and events to `capture`.
+///
+/// tracing caches whether a callsite is enabled once per process, from the
+/// subscriber of the thread that reaches it first; another test of this
+/// binary reaching the listener's callsites on a thread without a
+/// subscriber would disable them for good. A global subscriber that
+/// enables everything (a bare registry, installed once) makes every thread
+/// see a real subscriber, and rebuilding the cache heals callsites reached
+/// before it was installed.
+fn capture_here(capture: &Capture) -> tracing::subscriber::DefaultGuard {
+    static GLOBAL: std::sync::Once = std::sync::Once::new();
+    GLOBAL.call_once(|| {
+        // Fails only if a global subscriber exists, which serves as well.
+        let _ = tracing::subscriber::set_global_default(tracing_subscriber::registry());
+    });
+    let guard =
+        tracing::subscriber::set_default(tracing_subscriber::registry().with(capture.clone()));
+    tracing::callsite::rebuild_interest_cache();
+    guard
+}
+
 #[tokio::test]
 async fn a_killed_listener_warns_and_reconnects_in_a_span() {
     let capture = Capture::default();
     // Thread-local, and the current-thread runtime runs the reconnect
     // task on this thread too.
-    let _default =
-        tracing::subscriber::set_default(tracing_subscriber::registry().with(capture.clone()));
+    let _default = capture_here(&capture);
     let fx = fx().await;
     let chat = fx
         .reach(&[Step::Acquire], chatstate_model::ExecutionState::R0)

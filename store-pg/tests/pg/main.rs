@@ -16,6 +16,7 @@ mod locking;
 mod migration_tooling;
 mod misc;
 mod notify;
+mod pooler;
 mod proxy;
 mod round_trips;
 mod schema;

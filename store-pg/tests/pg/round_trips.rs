@@ -8,13 +8,13 @@ use chatstate_model::{ExecutionState as S, Input, JsonText, NewMessage, Part, Tr
 use crate::common::{Fx, Step, TestChat, dynamic_result, fx};
 
 /// One case: the steps that reach the from-state, and the input.
-struct Case {
-    from: S,
-    setup: &'static [Step],
-    input: fn(&Fx, &TestChat) -> Input,
+pub(crate) struct Case {
+    pub(crate) from: S,
+    pub(crate) setup: &'static [Step],
+    pub(crate) input: fn(&Fx, &TestChat) -> Input,
 }
 
-fn cases() -> Vec<Case> {
+pub(crate) fn cases() -> Vec<Case> {
     use Step::*;
     let c = |from, setup, input| Case { from, setup, input };
     vec![

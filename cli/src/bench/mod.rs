@@ -30,6 +30,8 @@ use serde::Serialize;
 
 use crate::simulate::{StoreKind, percentile};
 
+mod routes;
+
 /// Arguments of `chatstate bench`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct Args {
@@ -45,6 +47,14 @@ pub(crate) struct Args {
     /// Postgres URL [default: DATABASE_URL, else a throwaway cluster].
     #[arg(long)]
     database_url: Option<String>,
+    /// Also measure CommitStep through PgBouncer (session and transaction
+    /// mode) beside the direct connection, started in front of the
+    /// throwaway cluster (Postgres only; needs the `pgbouncer` package).
+    #[arg(long)]
+    pgbouncer: bool,
+    /// Repetitions of the `--pgbouncer` cases (the routes alternate).
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
 }
 
 /// What a timed Update does.
@@ -117,6 +127,11 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<ExitCode> {
         .context("starting the async runtime")?;
     runtime.block_on(async {
         let seconds = Duration::from_secs_f64(args.seconds.max(0.01));
+        anyhow::ensure!(
+            !args.pgbouncer || (args.store == StoreKind::Pg && crate::pg::url(args.database_url.as_deref()).is_none()),
+            "--pgbouncer needs --store pg on the throwaway cluster (no --database-url or DATABASE_URL)"
+        );
+        let mut by_route = Vec::new();
         let (rows, store) = match args.store {
             StoreKind::Mem => {
                 let store = MemStore::new();
@@ -138,6 +153,9 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<ExitCode> {
                     Arc::new(move || s.round_trips() + g.round_trips()) as Counter
                 };
                 let go = Some(go);
+                if args.pgbouncer {
+                    by_route = routes::measure(target.store.clone(), seconds, args.repeat).await?;
+                }
                 (
                     measure(target.store, go, counter, seconds, show_progress()).await?,
                     format!("pg ({})", target.description),
@@ -146,9 +164,17 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<ExitCode> {
         };
         let mut out = std::io::stdout().lock();
         if args.json {
-            writeln!(out, "{}", serde_json::to_string_pretty(&rows)?)?;
+            if args.pgbouncer {
+                let both = serde_json::json!({ "cases": rows, "routes": by_route });
+                writeln!(out, "{}", serde_json::to_string_pretty(&both)?)?;
+            } else {
+                writeln!(out, "{}", serde_json::to_string_pretty(&rows)?)?;
+            }
         } else {
             write!(out, "{}", render(&rows, &store, args))?;
+            if args.pgbouncer {
+                write!(out, "{}", routes::render(&by_route))?;
+            }
         }
         Ok(ExitCode::SUCCESS)
     })
