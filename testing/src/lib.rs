@@ -7,11 +7,14 @@
 //!   server of `DATABASE_URL`) and hands out freshly migrated databases.
 //! - [`pgbouncer`] starts a disposable PgBouncer in front of the
 //!   throwaway cluster.
+//! - [`capture`] makes tracing capture in tests independent of the order
+//!   the tests of a binary run in.
 //! - [`goshape`] replays the Go original's statement sequence for one
 //!   Update, the baseline `chatstate bench` compares the store with.
 //!
 //! It is not published: nothing here is an API for applications.
 
+pub mod capture;
 pub mod goshape;
 pub mod pgbouncer;
 pub mod throwaway;

@@ -56,24 +56,12 @@ impl<S: Subscriber> Layer<S> for Capture {
     }
 }
 
-/// Sends this thread's spans and events to `capture`.
-///
-/// tracing caches whether a callsite is enabled once per process, from the
-/// subscriber of the thread that reaches it first; another test of this
-/// binary reaching the listener's callsites on a thread without a
-/// subscriber would disable them for good. A global subscriber that
-/// enables everything (a bare registry, installed once) makes every thread
-/// see a real subscriber, and rebuilding the cache heals callsites reached
-/// before it was installed.
+/// Sends this thread's spans and events to `capture` (see
+/// `chatstate_testing::capture` for why the callsites are healed).
 fn capture_here(capture: &Capture) -> tracing::subscriber::DefaultGuard {
-    static GLOBAL: std::sync::Once = std::sync::Once::new();
-    GLOBAL.call_once(|| {
-        // Fails only if a global subscriber exists, which serves as well.
-        let _ = tracing::subscriber::set_global_default(tracing_subscriber::registry());
-    });
     let guard =
         tracing::subscriber::set_default(tracing_subscriber::registry().with(capture.clone()));
-    tracing::callsite::rebuild_interest_cache();
+    chatstate_testing::capture::heal_callsites();
     guard
 }
 

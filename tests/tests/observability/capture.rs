@@ -81,7 +81,11 @@ impl Capture {
     /// A dispatcher that sends everything to this capture.
     pub(crate) fn dispatch(&self) -> tracing::Dispatch {
         use tracing_subscriber::layer::SubscriberExt;
-        tracing::Dispatch::new(tracing_subscriber::registry().with(self.clone()))
+        let dispatch = tracing::Dispatch::new(tracing_subscriber::registry().with(self.clone()));
+        // A callsite another test reached first on a thread without a
+        // subscriber would stay disabled (see chatstate_testing::capture).
+        chatstate_testing::capture::heal_callsites();
+        dispatch
     }
 }
 

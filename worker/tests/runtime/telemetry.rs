@@ -128,6 +128,8 @@ async fn runtime_spans_and_metrics<B: Backend>() {
     let capture = Capture::default();
     let _tracing =
         tracing::subscriber::set_default(tracing_subscriber::registry().with(capture.clone()));
+    // See chatstate_testing::capture.
+    chatstate_testing::capture::heal_callsites();
     let snapshot = || -> Vec<(CompositeKey, DebugValue)> {
         snapshotter
             .snapshot()
