@@ -181,7 +181,7 @@ impl PgBouncer {
     /// processes such as `chatstate work`).
     pub fn url(&self, database: &str) -> String {
         format!(
-            "postgres://postgres@/{database}?host={}&port={PORT}&sslmode=disable",
+            "postgres://postgres@localhost:{PORT}/{database}?host={}&sslmode=disable",
             self.dir.display()
         )
     }

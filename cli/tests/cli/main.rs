@@ -10,6 +10,7 @@ mod check;
 mod demo;
 mod explore;
 mod limits;
+mod pooled;
 mod processes;
 mod replay;
 mod simulate;
