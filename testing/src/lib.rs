@@ -9,12 +9,15 @@
 //!   throwaway cluster.
 //! - [`capture`] makes tracing capture in tests independent of the order
 //!   the tests of a binary run in.
+//! - [`failover`] starts a primary with a synchronous streaming standby
+//!   and fails it over.
 //! - [`goshape`] replays the Go original's statement sequence for one
 //!   Update, the baseline `chatstate bench` compares the store with.
 //!
 //! It is not published: nothing here is an API for applications.
 
 pub mod capture;
+pub mod failover;
 pub mod goshape;
 pub mod pgbouncer;
 pub mod throwaway;

@@ -46,6 +46,8 @@ impl PoolMode {
 pub struct PgBouncer {
     dir: PathBuf,
     child: Option<Child>,
+    mode: PoolMode,
+    server_connections: u32,
 }
 
 fn unavailable(reason: impl Into<String>) -> HarnessError {
@@ -85,6 +87,17 @@ impl PgBouncer {
         let socket = cluster
             .socket_dir()
             .ok_or_else(|| unavailable("PgBouncer runs in front of a throwaway cluster only"))?;
+        PgBouncer::start_in_front_of(&socket, 5432, mode, server_connections)
+    }
+
+    /// Starts PgBouncer in `mode` in front of the server listening on the
+    /// Unix socket `port` in `socket_dir` (user `postgres`, trusted).
+    pub fn start_in_front_of(
+        socket_dir: &Path,
+        port: u16,
+        mode: PoolMode,
+        server_connections: u32,
+    ) -> Result<PgBouncer, HarnessError> {
         let dir = std::env::temp_dir().join(format!(
             "chatstate-pgbouncer-{}",
             uuid::Uuid::new_v4().simple()
@@ -92,27 +105,14 @@ impl PgBouncer {
         std::fs::create_dir_all(&dir)
             .map_err(|e| unavailable(format!("creating {}: {e}", dir.display())))?;
         // From here on, dropping `bouncer` removes the directory.
-        let mut bouncer = PgBouncer { dir, child: None };
-        let ini = format!(
-            "[databases]\n\
-             * = host={socket} port=5432 user=postgres\n\
-             [pgbouncer]\n\
-             listen_addr =\n\
-             unix_socket_dir = {dir}\n\
-             listen_port = {PORT}\n\
-             auth_type = any\n\
-             pool_mode = {mode}\n\
-             default_pool_size = {server_connections}\n\
-             max_client_conn = 1000\n\
-             ignore_startup_parameters = extra_float_digits,options\n\
-             logfile = {dir}/pgbouncer.log\n",
-            socket = socket.display(),
-            dir = bouncer.dir.display(),
-            mode = mode.as_str(),
-        );
+        let mut bouncer = PgBouncer {
+            dir,
+            child: None,
+            mode,
+            server_connections,
+        };
+        bouncer.write_ini(socket_dir, port)?;
         let ini_path = bouncer.dir.join("pgbouncer.ini");
-        std::fs::write(&ini_path, ini)
-            .map_err(|e| unavailable(format!("writing pgbouncer.ini: {e}")))?;
         let mut cmd = if is_root() {
             // PgBouncer refuses to run as root.
             let chown = Command::new("chown")
@@ -143,6 +143,50 @@ impl PgBouncer {
         bouncer.child = Some(child);
         bouncer.wait_until_listening()?;
         Ok(bouncer)
+    }
+
+    /// Writes `pgbouncer.ini` for a server on `port` in `socket_dir`.
+    fn write_ini(&self, socket_dir: &Path, port: u16) -> Result<(), HarnessError> {
+        let ini = format!(
+            "[databases]\n\
+             * = host={socket} port={port} user=postgres\n\
+             [pgbouncer]\n\
+             listen_addr =\n\
+             unix_socket_dir = {dir}\n\
+             listen_port = {PORT}\n\
+             auth_type = any\n\
+             pool_mode = {mode}\n\
+             default_pool_size = {server_connections}\n\
+             max_client_conn = 1000\n\
+             ignore_startup_parameters = extra_float_digits,options\n\
+             server_login_retry = 1\n\
+             pidfile = {dir}/pgbouncer.pid\n\
+             logfile = {dir}/pgbouncer.log\n",
+            socket = socket_dir.display(),
+            dir = self.dir.display(),
+            mode = self.mode.as_str(),
+            server_connections = self.server_connections,
+        );
+        let path = self.dir.join("pgbouncer.ini");
+        std::fs::write(&path, ini).map_err(|e| unavailable(format!("writing pgbouncer.ini: {e}")))
+    }
+
+    /// Points PgBouncer at the server on `port` in `socket_dir` (after a
+    /// failover): rewrites its configuration and makes it reload
+    /// (SIGHUP). Clients keep their connections to PgBouncer; new server
+    /// connections go to the new server.
+    pub fn retarget(&self, socket_dir: &Path, port: u16) -> Result<(), HarnessError> {
+        self.write_ini(socket_dir, port)?;
+        let pid = std::fs::read_to_string(self.dir.join("pgbouncer.pid"))
+            .map_err(|e| unavailable(format!("reading pgbouncer.pid: {e}")))?;
+        let status = Command::new("kill")
+            .args(["-HUP", pid.trim()])
+            .status()
+            .map_err(|e| unavailable(format!("kill -HUP: {e}")))?;
+        if !status.success() {
+            return Err(unavailable("kill -HUP of PgBouncer failed"));
+        }
+        Ok(())
     }
 
     fn wait_until_listening(&mut self) -> Result<(), HarnessError> {

@@ -61,7 +61,7 @@ pub enum HarnessError {
     Migrate(#[source] Arc<StoreError>),
 }
 
-fn unavailable(reason: impl Into<String>) -> HarnessError {
+pub(crate) fn unavailable(reason: impl Into<String>) -> HarnessError {
     HarnessError::Unavailable {
         reason: reason.into(),
     }
@@ -444,7 +444,7 @@ rm -rf "$1""#;
 
 /// Runs a setup command to completion; its failure is an Unavailable
 /// error carrying its output.
-fn run(mut cmd: Command, what: &str) -> Result<(), HarnessError> {
+pub(crate) fn run(mut cmd: Command, what: &str) -> Result<(), HarnessError> {
     let out = cmd
         .stdin(Stdio::null())
         .output()
@@ -461,7 +461,7 @@ fn run(mut cmd: Command, what: &str) -> Result<(), HarnessError> {
     }
 }
 
-fn running_as_root() -> bool {
+pub(crate) fn running_as_root() -> bool {
     use std::os::unix::fs::MetadataExt;
     // /proc/self belongs to the effective user; elsewhere ask `id`.
     match std::fs::metadata("/proc/self") {
@@ -474,7 +474,7 @@ fn running_as_root() -> bool {
     }
 }
 
-fn postgres_ids() -> Result<(u32, u32), HarnessError> {
+pub(crate) fn postgres_ids() -> Result<(u32, u32), HarnessError> {
     let id = |flag: &str| -> Result<u32, HarnessError> {
         let out = Command::new("id")
             .args([flag, "postgres"])
@@ -499,7 +499,7 @@ fn has_server(dir: &Path) -> bool {
 }
 
 /// Finds the directory holding `initdb`, `postgres` and `pg_ctl`.
-fn find_bindir() -> Result<PathBuf, HarnessError> {
+pub(crate) fn find_bindir() -> Result<PathBuf, HarnessError> {
     if let Ok(out) = Command::new("pg_config").arg("--bindir").output()
         && out.status.success()
     {
