@@ -1,39 +1,40 @@
-//! Connection poolers: what the store may keep in a database session.
-//!
-//! A transaction pooler (PgBouncer with `pool_mode = transaction`) gives a
-//! client connection a server connection for one transaction at a time,
-//! and the next transaction may run on another one. State a session keeps
-//! between transactions is then gone, or belongs to somebody else:
-//!
-//! - the statements the lean opening prepares with SQL `PREPARE`;
-//! - sqlx's named protocol-level prepared statements (`sqlx_s_1`, ...),
-//!   which PgBouncer 1.18 does not track;
-//! - `SET SESSION` settings (the store pins READ COMMITTED for the single
-//!   statements it runs outside transactions);
-//! - `LISTEN`: notifications reach the session that listened, which is
-//!   no longer this client's.
-//!
-//! [`Pooling::Transaction`] keeps none of it: the opening inlines the
-//! statements it would have executed (the server plans them on every
-//! Update), every statement with parameters is sent unnamed (prepared and
-//! executed in two requests), and nothing is set on the session. Every
-//! guarantee stays (the transaction is the same), at one round trip more
-//! per statement with parameters: four for an Update of one transition
-//! instead of three.
-//!
-//! Behind a transaction pooler the database's `default_transaction_isolation`
-//! must be `read committed` (PostgreSQL's default): chat creation,
-//! heartbeats and claim queries run as single statements that take it.
-//! [`PgStore::check_pooling`](crate::PgStore::check_pooling) verifies it.
-//! The listener ([`crate::PgNotifyListener`]) must connect to the server
-//! directly, never through the transaction pooler.
+//! Connection poolers: what the store may keep in a database session
+//! (see [`Pooling`]).
 
 use sqlx::Postgres;
 use sqlx::postgres::PgArguments;
 use sqlx::query::Query;
 
 /// How the store uses database sessions, by what sits between it and the
-/// server (see the [module documentation](self)).
+/// server (docs/deployment.md).
+///
+/// A transaction pooler (PgBouncer with `pool_mode = transaction`) gives a
+/// client connection a server connection for one transaction at a time,
+/// and the next transaction may run on another one. State a session keeps
+/// between transactions is then gone, or belongs to somebody else:
+///
+/// - the statements the lean opening prepares with SQL `PREPARE`;
+/// - sqlx's named protocol-level prepared statements (`sqlx_s_1`, ...),
+///   which PgBouncer 1.18 does not track;
+/// - `SET SESSION` settings (the store pins READ COMMITTED for the single
+///   statements it runs outside transactions);
+/// - `LISTEN`: notifications reach the session that listened, which is
+///   no longer this client's.
+///
+/// [`Pooling::Transaction`] keeps none of it: the opening inlines the
+/// statements it would have executed (the server plans them on every
+/// Update), every statement with parameters is sent unnamed (prepared and
+/// executed in two requests), and nothing is set on the session. Every
+/// guarantee stays (the transaction is the same), at one round trip more
+/// per statement with parameters: four for an Update of one transition
+/// instead of three.
+///
+/// Behind a transaction pooler the database's `default_transaction_isolation`
+/// must be `read committed` (PostgreSQL's default): chat creation,
+/// heartbeats and claim queries run as single statements that take it.
+/// [`PgStore::check_pooling`](crate::PgStore::check_pooling) verifies it.
+/// The listener ([`crate::PgNotifyListener`]) must connect to the server
+/// directly, never through the transaction pooler.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Pooling {
