@@ -95,9 +95,10 @@ impl Resolver {
         &self,
         context: &'static str,
         xid: i64,
+        timeline: i32,
         lost: StoreError,
     ) -> Result<(), StoreError> {
-        match self.status(xid).await {
+        match self.status(xid, timeline).await {
             Ok(Status::Committed) => Ok(()),
             Ok(Status::Aborted) => Err(StoreError::new(
                 context,
@@ -118,7 +119,7 @@ impl Resolver {
 
     /// Polls `pg_xact_status` until it says committed or aborted, or the
     /// budget is spent (the reason of the last failure).
-    async fn status(&self, xid: i64) -> Result<Status, String> {
+    async fn status(&self, xid: i64, timeline: i32) -> Result<Status, String> {
         let deadline = Instant::now() + BUDGET;
         let mut pause = FIRST_PAUSE;
         let mut conn: Option<PgConnection> = None;
@@ -142,6 +143,20 @@ impl Resolver {
                     Ok(Ok(row)) => {
                         let status: Option<String> = get(&row, "resolve commit", "status")
                             .map_err(|e| format!("read status: {e}"))?;
+                        let now: i32 = get(&row, "resolve commit", "timeline")
+                            .map_err(|e| format!("read timeline: {e}"))?;
+                        // Another timeline: a failover happened since the
+                        // transaction took its id, and the new primary may
+                        // have given the same id to a transaction of its
+                        // own. The id tells nothing there.
+                        if now != timeline {
+                            let _ = close(conn, Status::Aborted).await;
+                            return Err(format!(
+                                "the server is on timeline {now}, the transaction ran on \
+                                 timeline {timeline} (a failover): its id may name another \
+                                 transaction there"
+                            ));
+                        }
                         match status.as_deref() {
                             Some("committed") => return close(conn, Status::Committed).await,
                             Some("aborted") => return close(conn, Status::Aborted).await,
@@ -187,5 +202,55 @@ pub(crate) fn implicit(err: StoreError) -> StoreError {
         )
     } else {
         err
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lost() -> StoreError {
+        StoreError::new(
+            "commit",
+            StoreErrorKind::Connection,
+            std::io::Error::other("connection lost"),
+        )
+    }
+
+    /// A transaction id is looked up only on the timeline it was assigned
+    /// on: the same committed id asked about with another timeline (as
+    /// after a failover, where the new primary may reuse ids the old one
+    /// never replicated) is an unknown outcome, never "committed".
+    #[tokio::test]
+    async fn an_id_is_trusted_only_on_its_own_timeline() {
+        let cluster =
+            chatstate_testing::throwaway::Cluster::shared().unwrap_or_else(|e| panic!("{e}"));
+        let pool = cluster
+            .new_database()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        // An implicit transaction that takes an id and commits.
+        let row = sqlx::query(concat!(
+            "SELECT pg_current_xact_id()::text::bigint AS xid, ",
+            timeline!(),
+            " AS timeline"
+        ))
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        let xid: i64 = get(&row, "test", "xid").unwrap();
+        let timeline: i32 = get(&row, "test", "timeline").unwrap();
+        let resolver = Resolver::new(pool.connect_options());
+
+        resolver
+            .commit("commit", xid, timeline, lost())
+            .await
+            .expect("committed, on its own timeline");
+        let err = resolver
+            .commit("commit", xid, timeline + 1, lost())
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind, StoreErrorKind::OutcomeUnknown, "{err}");
+        assert!(err.to_string().contains("timeline"), "{err}");
     }
 }

@@ -71,6 +71,18 @@ macro_rules! include_snapshot_select {
     };
 }
 
+/// The server's current timeline, as an integer: the first eight hex
+/// digits of the name of the WAL file being written. A promoted standby
+/// writes on a new timeline, so a transaction id is only looked up on the
+/// timeline it was assigned on (see `crate::resolve`): after a failover,
+/// the new primary may give the id of a transaction the old one never
+/// replicated to a transaction of its own.
+macro_rules! timeline {
+    () => {
+        "('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int"
+    };
+}
+
 /// The session-level prepared statements the openings execute, by name.
 ///
 /// A transaction opens with one simple-query message (`BEGIN` and the
@@ -91,8 +103,11 @@ pub(crate) const PREPARED: [(&str, &str); 4] = [
     // be resolved without a round trip more (see `crate::resolve`).
     (
         "chatstate_lock_exclusive",
-        "(uuid) AS SELECT pg_current_xact_id()::text::bigint AS xid \
-         FROM chats WHERE id = $1 FOR NO KEY UPDATE",
+        concat!(
+            "(uuid) AS SELECT pg_current_xact_id()::text::bigint AS xid, ",
+            timeline!(),
+            " AS timeline FROM chats WHERE id = $1 FOR NO KEY UPDATE"
+        ),
     ),
     (
         "chatstate_lock_shared",
@@ -144,8 +159,13 @@ pub(crate) const SESSION_READ_COMMITTED: &str =
     "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL READ COMMITTED";
 
 /// The status of a transaction by id (`'committed'`, `'aborted'`, `'in
-/// progress'`, or NULL when it is too old to tell). `$1` the id.
-pub(crate) const XACT_STATUS: &str = "SELECT pg_xact_status($1::text::xid8) AS status";
+/// progress'`, or NULL when it is too old to tell), and the server's
+/// timeline (see [`timeline`]). `$1` the id.
+pub(crate) const XACT_STATUS: &str = concat!(
+    "SELECT pg_xact_status($1::text::xid8) AS status, ",
+    timeline!(),
+    " AS timeline"
+);
 
 /// The simple query that opens a transaction (or a nested Update) on a
 /// chat: one message, one round trip. The exclusive lock statement returns

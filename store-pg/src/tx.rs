@@ -116,6 +116,9 @@ pub struct PgTx {
     /// The transaction id, returned by the exclusive lock (a shared lock
     /// writes nothing, so its commit needs no resolution).
     xid: Option<i64>,
+    /// The server's timeline when the exclusive lock was taken: the
+    /// transaction id means this transaction only on it.
+    timeline: Option<i32>,
     /// Resolves a commit whose connection was lost.
     resolver: Resolver,
     /// The application was handed the connection
@@ -240,6 +243,7 @@ impl PgTx {
             exclusive: Vec::new(),
             locked: Vec::new(),
             xid: None,
+            timeline: None,
             resolver,
             lent: false,
             deferred: String::new(),
@@ -309,6 +313,7 @@ impl PgTx {
         let is_xid = |r: &PgRow| sqlx::Row::try_column(r, "xid").is_ok();
         if let Some(row) = rows.iter().find(|r| is_xid(r)) {
             self.xid = Some(get(row, CONTEXT, "xid")?);
+            self.timeline = Some(get(row, CONTEXT, "timeline")?);
         }
         let Some(row) = rows
             .iter()
@@ -890,7 +895,10 @@ impl StoreTx for PgTx {
             // `resolve`). The dead connection stays marked open, so Drop
             // closes it instead of reusing it.
             Err(lost) if lost.kind == StoreErrorKind::Connection => match self.xid {
-                Some(xid) => self.resolver.commit(CONTEXT, xid, lost).await,
+                Some(xid) => {
+                    let timeline = self.timeline.unwrap_or_default();
+                    self.resolver.commit(CONTEXT, xid, timeline, lost).await
+                }
                 // Only a shared lock has no id, and it wrote nothing:
                 // committed or not, nothing changed.
                 None => Err(lost),

@@ -16,7 +16,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use chatstate::{
@@ -59,7 +59,13 @@ fn kind_name(e: &Error) -> &'static str {
     }
 }
 
-async fn work(store: PgStore, chat: ChatId, task: usize, stop: Arc<AtomicBool>) -> Vec<Attempt> {
+async fn work(
+    store: PgStore,
+    chat: ChatId,
+    task: usize,
+    stop: Arc<AtomicBool>,
+    acks: Arc<AtomicU64>,
+) -> Vec<Attempt> {
     let machine = ChatMachine::new(store, Notify::InTransaction, chat, Options::default());
     let mut attempts = Vec::new();
     let mut n = 0;
@@ -81,6 +87,9 @@ async fn work(store: PgStore, chat: ChatId, task: usize, stop: Arc<AtomicBool>) 
             },
         };
         let failed = told != Told::Committed;
+        if !failed {
+            acks.fetch_add(1, Ordering::SeqCst);
+        }
         attempts.push(Attempt {
             text,
             told,
@@ -166,10 +175,14 @@ async fn acknowledged_commits_survive_a_failover_to_the_synchronous_standby() {
     assert_eq!(refused.commit_state(), CommitState::NotCommitted);
 
     let stop = Arc::new(AtomicBool::new(false));
+    let acks = Arc::new(AtomicU64::new(0));
     let tasks: Vec<_> = chats
         .iter()
         .enumerate()
-        .map(|(i, chat)| tokio::spawn(work(store.clone(), *chat, i, stop.clone())))
+        .map(|(i, chat)| {
+            let (stop, acks) = (stop.clone(), acks.clone());
+            tokio::spawn(work(store.clone(), *chat, i, stop, acks))
+        })
         .collect();
 
     // Let the workload run, then fail over.
@@ -186,8 +199,13 @@ async fn acknowledged_commits_survive_a_failover_to_the_synchronous_standby() {
     bouncer
         .retarget(&socket, STANDBY_PORT)
         .unwrap_or_else(|e| panic!("{e}"));
-    // Run on until every task has committed again for a while.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // Run on until the tasks have committed again for a while (bounded:
+    // the assertions below say what went wrong if they never do).
+    let at_promotion = acks.load(Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while acks.load(Ordering::SeqCst) < at_promotion + 100 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     stop.store(true, Ordering::SeqCst);
     let mut attempts = Vec::new();
     for task in tasks {
