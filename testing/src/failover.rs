@@ -216,7 +216,50 @@ impl ReplicatedPair {
             .connect_lazy_with(self.connect_options(PRIMARY_PORT, database));
         chatstate_store_pg::migrate(&pool)
             .await
-            .map_err(|e| HarnessError::Migrate(std::sync::Arc::new(e)))
+            .map_err(|e| HarnessError::Migrate(std::sync::Arc::new(e)))?;
+        self.wait_for_replay().await
+    }
+
+    /// Waits until the standby has replayed everything the primary has
+    /// written so far (a synchronous commit waits for the standby's flush,
+    /// not for its replay: a database just created may not be there yet).
+    pub async fn wait_for_replay(&self) -> Result<(), HarnessError> {
+        let db_error = |context: &'static str| {
+            move |e: sqlx::Error| HarnessError::Database {
+                context,
+                source: std::sync::Arc::new(e),
+            }
+        };
+        let mut primary =
+            PgConnection::connect_with(&self.connect_options(PRIMARY_PORT, "postgres"))
+                .await
+                .map_err(db_error("connect to the primary"))?;
+        let written: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
+            .fetch_one(&mut primary)
+            .await
+            .map_err(db_error("read the primary's WAL position"))?;
+        let _ = primary.close().await;
+        let mut standby =
+            PgConnection::connect_with(&self.connect_options(STANDBY_PORT, "postgres"))
+                .await
+                .map_err(db_error("connect to the standby"))?;
+        let deadline = Instant::now() + SYNC_WAIT;
+        loop {
+            let replayed: bool =
+                sqlx::query_scalar("SELECT pg_last_wal_replay_lsn() >= $1::text::pg_lsn")
+                    .bind(&written)
+                    .fetch_one(&mut standby)
+                    .await
+                    .map_err(db_error("read the standby's replay position"))?;
+            if replayed {
+                let _ = standby.close().await;
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(unavailable("the standby did not replay in time"));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Kills the primary at once (`pg_ctl stop -m immediate`: no shutdown
