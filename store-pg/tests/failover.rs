@@ -12,7 +12,9 @@
 //! - the failures in between were typed (connection, read-only, unknown),
 //!   and Updates succeed again after the promotion;
 //! - before the failover, an Update sent to the standby fails with the
-//!   typed, retryable `StoreErrorKind::ReadOnly`.
+//!   typed, retryable `StoreErrorKind::ReadOnly`;
+//! - a listener (through the pooler) reports the gap with
+//!   `ListenerEvent::Reconnected` and then hears the new primary's commits.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -24,7 +26,7 @@ use chatstate::{
     create_chat,
 };
 use chatstate_model::ChatId;
-use chatstate_store_pg::{PgStore, pool_options};
+use chatstate_store_pg::{ListenerEvent, PgNotifyListener, PgStore, pool_options};
 use chatstate_testing::failover::{PRIMARY_PORT, ReplicatedPair, STANDBY_PORT};
 use chatstate_testing::pgbouncer::{PgBouncer, PoolMode};
 
@@ -174,6 +176,18 @@ async fn acknowledged_commits_survive_a_failover_to_the_synchronous_standby() {
     assert!(refused.is_retryable());
     assert_eq!(refused.commit_state(), CommitState::NotCommitted);
 
+    // A listener through the pooler (session mode keeps its session).
+    let listen_pool = pool_options()
+        .max_connections(1)
+        .connect_lazy_with(bouncer.connect_options(DATABASE));
+    let mut listener = PgNotifyListener::connect(&listen_pool)
+        .await
+        .expect("a listener through PgBouncer in session mode");
+    listener
+        .listen_chats(chats.clone())
+        .await
+        .expect("listening on the chats");
+
     let stop = Arc::new(AtomicBool::new(false));
     let acks = Arc::new(AtomicU64::new(0));
     let tasks: Vec<_> = chats
@@ -205,6 +219,21 @@ async fn acknowledged_commits_survive_a_failover_to_the_synchronous_standby() {
     let deadline = Instant::now() + Duration::from_secs(30);
     while acks.load(Ordering::SeqCst) < at_promotion + 100 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The listener lost its connection with the primary: it reports the
+    // gap once it is back (on the new primary), and hears the new
+    // primary's commits after that.
+    let (mut reconnected, mut heard_after) = (false, false);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !(reconnected && heard_after) && Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_millis(500), listener.recv()).await {
+            Ok(Ok(ListenerEvent::Reconnected)) => reconnected = true,
+            Ok(Ok(ListenerEvent::Notification(_))) => heard_after |= reconnected,
+            Ok(Ok(_)) => {}
+            // A reconnect before PgBouncer reached the new primary: again.
+            Ok(Err(_)) => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(_) => {}
+        }
     }
     stop.store(true, Ordering::SeqCst);
     let mut attempts = Vec::new();
@@ -273,6 +302,11 @@ async fn acknowledged_commits_survive_a_failover_to_the_synchronous_standby() {
             "chat {chat:?}: one bump per step that is there"
         );
     }
+    assert!(reconnected, "the listener never reported its reconnect");
+    assert!(
+        heard_after,
+        "the listener heard nothing from the new primary"
+    );
     println!(
         "failover: {acknowledged} acknowledged (lost 0), {unknown} unknown ({unknown_committed} \
          found committed), {refused} not committed {kinds:?}; first acknowledged Update \
