@@ -19,7 +19,8 @@ use sqlx::postgres::{PgConnectOptions, PgSslMode};
 use sqlx::{AssertSqlSafe, Connection, PgConnection};
 
 use crate::throwaway::{
-    HarnessError, find_bindir, postgres_ids, run, running_as_root, unavailable,
+    HarnessError, find_bindir, initdb, postgres_ids, run, running_as_root, server_command,
+    spawn_watchdog, unavailable,
 };
 
 /// The primary's port (the socket's name).
@@ -63,7 +64,8 @@ impl ReplicatedPair {
                     .map_err(|e| unavailable(format!("chown {}: {e}", dir.display())))?;
             }
         }
-        let watchdog = spawn_watchdog(&base, &bindir, as_postgres)?;
+        let data_dirs = [base.join("primary"), base.join("standby")];
+        let watchdog = spawn_watchdog(&base, &data_dirs, &bindir, as_postgres)?;
         let pair = ReplicatedPair {
             bindir,
             as_postgres,
@@ -71,19 +73,7 @@ impl ReplicatedPair {
             socket_dir,
             _watchdog: watchdog,
         };
-        let mut initdb = pair.command("initdb");
-        initdb.arg("-D").arg(pair.primary_dir()).args([
-            "-A",
-            "trust",
-            "-U",
-            "postgres",
-            "-E",
-            "UTF8",
-            "--no-locale",
-            "--no-sync",
-            "--no-instructions",
-        ]);
-        run(initdb, "initdb")?;
+        initdb(&pair.bindir, pair.as_postgres, &pair.primary_dir())?;
         pair.start_node(&pair.primary_dir(), PRIMARY_PORT, true)?;
         let mut backup = pair.command("pg_basebackup");
         backup
@@ -112,14 +102,7 @@ impl ReplicatedPair {
     }
 
     fn command(&self, binary: &str) -> Command {
-        let path = self.bindir.join(binary);
-        if self.as_postgres {
-            let mut cmd = Command::new("runuser");
-            cmd.args(["-u", "postgres", "--"]).arg(path);
-            cmd
-        } else {
-            Command::new(path)
-        }
+        server_command(&self.bindir, self.as_postgres, binary)
     }
 
     fn start_node(&self, dir: &Path, port: u16, primary: bool) -> Result<(), HarnessError> {
@@ -281,34 +264,4 @@ impl ReplicatedPair {
             .args(["-w", "-t", "60", "promote"]);
         run(cmd, "pg_ctl promote")
     }
-}
-
-/// Waits for end-of-file on its stdin (this process exiting), then stops
-/// both servers and removes the directory; ignores the terminal's
-/// signals so that a Ctrl-C of the test run does not kill the cleanup.
-fn spawn_watchdog(base: &Path, bindir: &Path, as_postgres: bool) -> Result<Child, HarnessError> {
-    const SCRIPT: &str = r#"trap '' INT TERM HUP
-cat >/dev/null
-for d in "$1/primary" "$1/standby"; do
-  if [ -f "$d/postmaster.pid" ]; then
-    if [ "$3" = yes ]; then
-      runuser -u postgres -- "$2" -D "$d" -m immediate -w stop
-    else
-      "$2" -D "$d" -m immediate -w stop
-    fi
-  fi
-done >/dev/null 2>&1
-rm -rf "$1""#;
-    Command::new("sh")
-        .arg("-c")
-        .arg(SCRIPT)
-        .arg("chatstate-ha-watchdog")
-        .arg(base)
-        .arg(bindir.join("pg_ctl"))
-        .arg(if as_postgres { "yes" } else { "no" })
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| unavailable(format!("cannot start the cleanup watchdog: {e}")))
 }

@@ -317,44 +317,17 @@ impl Server {
 
     /// A command for a server binary, as the right user.
     fn command(&self, binary: &str) -> Command {
-        let path = self.bindir.join(binary);
-        if self.as_postgres {
-            let mut cmd = Command::new("runuser");
-            cmd.args(["-u", "postgres", "--"]).arg(path);
-            cmd
-        } else {
-            Command::new(path)
-        }
+        server_command(&self.bindir, self.as_postgres, binary)
     }
 
-    /// Starts the watchdog: it waits for end-of-file on its stdin (this
-    /// process exiting closes the pipe), then stops the server and removes
-    /// the directory. It ignores the terminal's signals so that a Ctrl-C
-    /// that kills the test run does not kill the cleanup too.
+    /// Starts the watchdog of this cluster (see [`spawn_watchdog`]).
     fn spawn_watchdog(&self) -> Result<Child, HarnessError> {
-        const SCRIPT: &str = r#"trap '' INT TERM HUP
-cat >/dev/null
-if [ -f "$2/postmaster.pid" ]; then
-  if [ "$4" = yes ]; then
-    runuser -u postgres -- "$3" -D "$2" -m immediate -w stop
-  else
-    "$3" -D "$2" -m immediate -w stop
-  fi
-fi >/dev/null 2>&1
-rm -rf "$1""#;
-        Command::new("sh")
-            .arg("-c")
-            .arg(SCRIPT)
-            .arg("chatstate-pg-watchdog")
-            .arg(&self.base)
-            .arg(&self.data_dir)
-            .arg(self.bindir.join("pg_ctl"))
-            .arg(if self.as_postgres { "yes" } else { "no" })
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| unavailable(format!("cannot start the cleanup watchdog: {e}")))
+        spawn_watchdog(
+            &self.base,
+            std::slice::from_ref(&self.data_dir),
+            &self.bindir,
+            self.as_postgres,
+        )
     }
 
     /// Writes the data directory. `initdb` is the slow part of starting a
@@ -398,19 +371,7 @@ rm -rf "$1""#;
     }
 
     fn initdb(&self, dir: &Path) -> Result<(), HarnessError> {
-        let mut cmd = self.command("initdb");
-        cmd.arg("-D").arg(dir).args([
-            "-A",
-            "trust",
-            "-U",
-            "postgres",
-            "-E",
-            "UTF8",
-            "--no-locale",
-            "--no-sync",
-            "--no-instructions",
-        ]);
-        run(cmd, "initdb")
+        initdb(&self.bindir, self.as_postgres, dir)
     }
 
     fn start(&self) -> Result<(), HarnessError> {
@@ -440,6 +401,76 @@ rm -rf "$1""#;
             }
         })
     }
+}
+
+/// A command for the server binary `binary` of `bindir`, run as the
+/// `postgres` system user when `as_postgres` (we are root).
+pub(crate) fn server_command(bindir: &Path, as_postgres: bool, binary: &str) -> Command {
+    let path = bindir.join(binary);
+    if as_postgres {
+        let mut cmd = Command::new("runuser");
+        cmd.args(["-u", "postgres", "--"]).arg(path);
+        cmd
+    } else {
+        Command::new(path)
+    }
+}
+
+/// Writes a fresh data directory `dir` (trust authentication, UTF-8, no
+/// locale, no sync: the harness's clusters are disposable).
+pub(crate) fn initdb(bindir: &Path, as_postgres: bool, dir: &Path) -> Result<(), HarnessError> {
+    let mut cmd = server_command(bindir, as_postgres, "initdb");
+    cmd.arg("-D").arg(dir).args([
+        "-A",
+        "trust",
+        "-U",
+        "postgres",
+        "-E",
+        "UTF8",
+        "--no-locale",
+        "--no-sync",
+        "--no-instructions",
+    ]);
+    run(cmd, "initdb")
+}
+
+/// Starts a watchdog: it waits for end-of-file on its stdin (this process
+/// exiting closes the pipe), then stops the servers of `data_dirs` that
+/// run and removes `base`. It ignores the terminal's signals so that a
+/// Ctrl-C that kills the test run does not kill the cleanup too.
+pub(crate) fn spawn_watchdog(
+    base: &Path,
+    data_dirs: &[PathBuf],
+    bindir: &Path,
+    as_postgres: bool,
+) -> Result<Child, HarnessError> {
+    const SCRIPT: &str = r#"trap '' INT TERM HUP
+cat >/dev/null
+base=$1 pg_ctl=$2 as_postgres=$3
+shift 3
+for d in "$@"; do
+  if [ -f "$d/postmaster.pid" ]; then
+    if [ "$as_postgres" = yes ]; then
+      runuser -u postgres -- "$pg_ctl" -D "$d" -m immediate -w stop
+    else
+      "$pg_ctl" -D "$d" -m immediate -w stop
+    fi
+  fi
+done >/dev/null 2>&1
+rm -rf "$base""#;
+    Command::new("sh")
+        .arg("-c")
+        .arg(SCRIPT)
+        .arg("chatstate-pg-watchdog")
+        .arg(base)
+        .arg(bindir.join("pg_ctl"))
+        .arg(if as_postgres { "yes" } else { "no" })
+        .args(data_dirs)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| unavailable(format!("cannot start the cleanup watchdog: {e}")))
 }
 
 /// Runs a setup command to completion; its failure is an Unavailable
