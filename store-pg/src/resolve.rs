@@ -95,10 +95,10 @@ impl Resolver {
         &self,
         context: &'static str,
         xid: i64,
-        timeline: i32,
+        incarnation: &str,
         lost: StoreError,
     ) -> Result<(), StoreError> {
-        match self.status(xid, timeline).await {
+        match self.status(xid, incarnation).await {
             Ok(Status::Committed) => Ok(()),
             Ok(Status::Aborted) => Err(StoreError::new(
                 context,
@@ -119,7 +119,7 @@ impl Resolver {
 
     /// Polls `pg_xact_status` until it says committed or aborted, or the
     /// budget is spent (the reason of the last failure).
-    async fn status(&self, xid: i64, timeline: i32) -> Result<Status, String> {
+    async fn status(&self, xid: i64, incarnation: &str) -> Result<Status, String> {
         let deadline = Instant::now() + BUDGET;
         let mut pause = FIRST_PAUSE;
         let mut conn: Option<PgConnection> = None;
@@ -143,18 +143,18 @@ impl Resolver {
                     Ok(Ok(row)) => {
                         let status: Option<String> = get(&row, "resolve commit", "status")
                             .map_err(|e| format!("read status: {e}"))?;
-                        let now: i32 = get(&row, "resolve commit", "timeline")
-                            .map_err(|e| format!("read timeline: {e}"))?;
-                        // Another timeline: a failover happened since the
-                        // transaction took its id, and the new primary may
+                        let now: String = get(&row, "resolve commit", "incarnation")
+                            .map_err(|e| format!("read incarnation: {e}"))?;
+                        // Another incarnation (a restart, or a failover)
+                        // since the transaction took its id: the server may
                         // have given the same id to a transaction of its
                         // own. The id tells nothing there.
-                        if now != timeline {
+                        if now != incarnation {
                             let _ = close(conn, Status::Aborted).await;
                             return Err(format!(
-                                "the server is on timeline {now}, the transaction ran on \
-                                 timeline {timeline} (a failover): its id may name another \
-                                 transaction there"
+                                "the server was restarted or failed over since the \
+                                 transaction took its id ({incarnation} then, {now} now): \
+                                 the id may name another transaction there"
                             ));
                         }
                         match status.as_deref() {
@@ -217,12 +217,13 @@ mod tests {
         )
     }
 
-    /// A transaction id is looked up only on the timeline it was assigned
-    /// on: the same committed id asked about with another timeline (as
-    /// after a failover, where the new primary may reuse ids the old one
-    /// never replicated) is an unknown outcome, never "committed".
+    /// A transaction id is looked up only on the server incarnation it was
+    /// assigned on: the same committed id asked about for another
+    /// incarnation (as after a restart, or a failover, where ids the old
+    /// server never wrote to disk or replicated are given out again) is an
+    /// unknown outcome, never "committed".
     #[tokio::test]
-    async fn an_id_is_trusted_only_on_its_own_timeline() {
+    async fn an_id_is_trusted_only_on_its_own_incarnation() {
         let cluster =
             chatstate_testing::throwaway::Cluster::shared().unwrap_or_else(|e| panic!("{e}"));
         let pool = cluster
@@ -232,25 +233,28 @@ mod tests {
         // An implicit transaction that takes an id and commits.
         let row = sqlx::query(concat!(
             "SELECT pg_current_xact_id()::text::bigint AS xid, ",
-            timeline!(),
-            " AS timeline"
+            incarnation!(),
+            " AS incarnation"
         ))
         .fetch_one(&pool)
         .await
         .unwrap();
         let xid: i64 = get(&row, "test", "xid").unwrap();
-        let timeline: i32 = get(&row, "test", "timeline").unwrap();
+        let incarnation: String = get(&row, "test", "incarnation").unwrap();
         let resolver = Resolver::new(pool.connect_options());
 
         resolver
-            .commit("commit", xid, timeline, lost())
+            .commit("commit", xid, &incarnation, lost())
             .await
-            .expect("committed, on its own timeline");
+            .expect("committed, on its own incarnation");
         let err = resolver
-            .commit("commit", xid, timeline + 1, lost())
+            .commit("commit", xid, &format!("{incarnation}0"), lost())
             .await
             .unwrap_err();
         assert_eq!(err.kind, StoreErrorKind::OutcomeUnknown, "{err}");
-        assert!(err.to_string().contains("timeline"), "{err}");
+        assert!(
+            err.to_string().contains("restarted or failed over"),
+            "{err}"
+        );
     }
 }

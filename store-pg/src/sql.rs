@@ -71,15 +71,18 @@ macro_rules! include_snapshot_select {
     };
 }
 
-/// The server's current timeline, as an integer: the first eight hex
-/// digits of the name of the WAL file being written. A promoted standby
-/// writes on a new timeline, so a transaction id is only looked up on the
-/// timeline it was assigned on (see `crate::resolve`): after a failover,
-/// the new primary may give the id of a transaction the old one never
-/// replicated to a transaction of its own.
-macro_rules! timeline {
+/// Which incarnation of which server a statement runs on: its timeline
+/// (the first eight hex digits of the name of the WAL file being written)
+/// and the start time of its postmaster, as text. A transaction id is only
+/// looked up on the incarnation it was assigned on (see `crate::resolve`):
+/// an id the server gave out but never wrote to disk (the server crashed
+/// before the transaction's first WAL flush) is given out again after a
+/// restart, and a promoted standby, on a new timeline, may give out the
+/// ids of transactions the old primary never replicated.
+macro_rules! incarnation {
     () => {
-        "('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int"
+        "(substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) || '/' || \
+          extract(epoch FROM pg_postmaster_start_time())::text)"
     };
 }
 
@@ -105,8 +108,8 @@ pub(crate) const PREPARED: [(&str, &str); 4] = [
         "chatstate_lock_exclusive",
         concat!(
             "(uuid) AS SELECT pg_current_xact_id()::text::bigint AS xid, ",
-            timeline!(),
-            " AS timeline FROM chats WHERE id = $1 FOR NO KEY UPDATE"
+            incarnation!(),
+            " AS incarnation FROM chats WHERE id = $1 FOR NO KEY UPDATE"
         ),
     ),
     (
@@ -160,11 +163,11 @@ pub(crate) const SESSION_READ_COMMITTED: &str =
 
 /// The status of a transaction by id (`'committed'`, `'aborted'`, `'in
 /// progress'`, or NULL when it is too old to tell), and the server's
-/// timeline (see [`timeline`]). `$1` the id.
+/// incarnation (see `incarnation!`). `$1` the id.
 pub(crate) const XACT_STATUS: &str = concat!(
     "SELECT pg_xact_status($1::text::xid8) AS status, ",
-    timeline!(),
-    " AS timeline"
+    incarnation!(),
+    " AS incarnation"
 );
 
 /// The simple query that opens a transaction (or a nested Update) on a

@@ -116,9 +116,9 @@ pub struct PgTx {
     /// The transaction id, returned by the exclusive lock (a shared lock
     /// writes nothing, so its commit needs no resolution).
     xid: Option<i64>,
-    /// The server's timeline when the exclusive lock was taken: the
+    /// The server's incarnation when the exclusive lock was taken: the
     /// transaction id means this transaction only on it.
-    timeline: Option<i32>,
+    incarnation: Option<String>,
     /// Resolves a commit whose connection was lost.
     resolver: Resolver,
     /// The application was handed the connection
@@ -243,7 +243,7 @@ impl PgTx {
             exclusive: Vec::new(),
             locked: Vec::new(),
             xid: None,
-            timeline: None,
+            incarnation: None,
             resolver,
             lent: false,
             deferred: String::new(),
@@ -313,7 +313,7 @@ impl PgTx {
         let is_xid = |r: &PgRow| sqlx::Row::try_column(r, "xid").is_ok();
         if let Some(row) = rows.iter().find(|r| is_xid(r)) {
             self.xid = Some(get(row, CONTEXT, "xid")?);
-            self.timeline = Some(get(row, CONTEXT, "timeline")?);
+            self.incarnation = Some(get(row, CONTEXT, "incarnation")?);
         }
         let Some(row) = rows
             .iter()
@@ -896,8 +896,8 @@ impl StoreTx for PgTx {
             // closes it instead of reusing it.
             Err(lost) if lost.kind == StoreErrorKind::Connection => match self.xid {
                 Some(xid) => {
-                    let timeline = self.timeline.unwrap_or_default();
-                    self.resolver.commit(CONTEXT, xid, timeline, lost).await
+                    let incarnation = self.incarnation.clone().unwrap_or_default();
+                    self.resolver.commit(CONTEXT, xid, &incarnation, lost).await
                 }
                 // Only a shared lock has no id, and it wrote nothing:
                 // committed or not, nothing changed.
